@@ -1,0 +1,1 @@
+//! Pure losses and algorithm logic.

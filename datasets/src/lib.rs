@@ -1,0 +1,1 @@
+//! Streaming parquet datasets.

@@ -1,0 +1,1 @@
+//! AdamW with saveable state, learning-rate schedules and global-norm clipping.
