@@ -2,4 +2,14 @@
 //!
 //! See the README's architecture section for how the pieces fit.
 
-pub mod optim;
+pub mod config;
+pub mod error;
+pub mod lora;
+pub mod models;
+pub mod ops;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub mod init;
+pub mod peft;
+pub mod policy;

@@ -1,0 +1,319 @@
+//! `config.json` of a Hugging Face model folder, for the families align supports.
+//!
+//! Reads both the transformers 4.x spelling (`rope_theta`, `rope_scaling`, `num_experts`) and the
+//! 5.x one (`rope_parameters`, `num_local_experts`).
+
+use crate::error::{read_json, Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Qwen3Moe,
+    Mixtral,
+}
+
+impl Family {
+    pub const ALL: [(&'static str, Family); 6] = [
+        ("llama", Family::Llama),
+        ("mistral", Family::Mistral),
+        ("qwen2", Family::Qwen2),
+        ("qwen3", Family::Qwen3),
+        ("qwen3_moe", Family::Qwen3Moe),
+        ("mixtral", Family::Mixtral),
+    ];
+
+    pub fn from_model_type(t: &str) -> Option<Family> {
+        Self::ALL.iter().find(|(n, _)| *n == t).map(|(_, f)| *f)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Family::Qwen3 | Family::Qwen3Moe)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: Option<String>,
+    pub rope_theta: Option<f64>,
+    pub factor: Option<f64>,
+    pub low_freq_factor: Option<f64>,
+    pub high_freq_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RawConfig {
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RopeScaling>,
+    rope_parameters: Option<RopeScaling>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: bool,
+    max_position_embeddings: Option<usize>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
+    num_experts: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+    pad_token_id: Option<serde_json::Value>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+#[derive(Debug, Clone)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+}
+
+/// A validated model configuration.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub max_position_embeddings: usize,
+    pub sliding_window: Option<usize>,
+    pub moe: Option<MoeConfig>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub stored_dtype: Option<String>,
+    /// The raw JSON, written back unchanged (less dtype) when a merged model is saved.
+    pub raw: serde_json::Value,
+}
+
+fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: serde_json::Value = read_json(path)?;
+        Self::from_value(raw, path)
+    }
+
+    pub fn from_value(raw: serde_json::Value, path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let c: RawConfig = serde_json::from_value(raw.clone()).map_err(|e| bad(format!("{e}")))?;
+        let family = Family::from_model_type(&c.model_type).ok_or_else(|| {
+            bad(format!(
+                "unsupported model_type `{}` (supported: {})",
+                c.model_type,
+                Family::ALL
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        if let Some(act) = &c.hidden_act {
+            if act != "silu" && act != "swish" {
+                return Err(bad(format!(
+                    "hidden_act `{act}` is not supported (only silu)"
+                )));
+            }
+        }
+        if c.num_attention_heads == 0 || c.hidden_size == 0 || c.num_hidden_layers == 0 {
+            return Err(bad(
+                "hidden_size, num_attention_heads and num_hidden_layers must be > 0".into(),
+            ));
+        }
+        let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
+                c.num_attention_heads
+            )));
+        }
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+        let rope = c.rope_parameters.clone().or(c.rope_scaling.clone());
+        let rope_theta = c
+            .rope_theta
+            .or(rope.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(match family {
+                Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => 1_000_000.0,
+                Family::Mixtral | Family::Mistral => 1_000_000.0,
+                _ => 10_000.0,
+            });
+        let rope_scaling = match rope {
+            Some(r) => match r.rope_type.as_deref() {
+                None | Some("default") => None,
+                Some("llama3") => Some(r),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "rope type `{other}` is not supported (default, llama3)"
+                    )))
+                }
+            },
+            None => None,
+        };
+        let moe = match family {
+            Family::Qwen3Moe | Family::Mixtral => {
+                let num_experts = c.num_experts.or(c.num_local_experts).unwrap_or(0);
+                if num_experts == 0 {
+                    None
+                } else {
+                    let top_k = c.num_experts_per_tok.unwrap_or(2);
+                    if top_k == 0 || top_k > num_experts {
+                        return Err(bad(format!(
+                            "num_experts_per_tok {top_k} must be in 1..={num_experts}"
+                        )));
+                    }
+                    Some(MoeConfig {
+                        num_experts,
+                        top_k,
+                        intermediate_size: match family {
+                            Family::Mixtral => c.intermediate_size.unwrap_or(0),
+                            _ => c.moe_intermediate_size.or(c.intermediate_size).unwrap_or(0),
+                        },
+                        // Mixtral always renormalises the top-k weights.
+                        norm_topk_prob: c.norm_topk_prob.unwrap_or(family == Family::Mixtral),
+                        decoder_sparse_step: c.decoder_sparse_step.unwrap_or(1).max(1),
+                        mlp_only_layers: c.mlp_only_layers.clone(),
+                    })
+                }
+            }
+            _ => None,
+        };
+        let sliding_window = match family {
+            Family::Mistral | Family::Mixtral => c.sliding_window,
+            _ if c.use_sliding_window == Some(true) => c.sliding_window,
+            _ => None,
+        };
+        let qkv_bias = match family {
+            Family::Qwen2 => true,
+            _ => c.attention_bias.unwrap_or(false),
+        };
+        let o_bias = match family {
+            Family::Qwen2 => false,
+            _ => c.attention_bias.unwrap_or(false),
+        };
+        Ok(ModelConfig {
+            family,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size.unwrap_or(4 * c.hidden_size),
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: c.mlp_bias,
+            max_position_embeddings: c.max_position_embeddings.unwrap_or(4096),
+            sliding_window,
+            moe,
+            bos_token_id: ids(&c.bos_token_id).first().copied(),
+            eos_token_ids: ids(&c.eos_token_id),
+            pad_token_id: ids(&c.pad_token_id).first().copied(),
+            stored_dtype: c.dtype.or(c.torch_dtype),
+            raw,
+        })
+    }
+
+    /// Whether decoder layer `i` uses a mixture of experts (transformers' rule for qwen3_moe).
+    pub fn layer_is_moe(&self, i: usize) -> bool {
+        match &self.moe {
+            Some(m) => !m.mlp_only_layers.contains(&i) && (i + 1) % m.decoder_sparse_step == 0,
+            None => false,
+        }
+    }
+
+    /// Inverse frequencies of the rotary embedding, with llama3 scaling when configured.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            let factor = s.factor.unwrap_or(8.0);
+            let low = s.low_freq_factor.unwrap_or(1.0);
+            let high = s.high_freq_factor.unwrap_or(4.0);
+            let old_ctx = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+            let low_wavelen = old_ctx / low;
+            let high_wavelen = old_ctx / high;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        inv
+    }
+}

@@ -1,0 +1,250 @@
+//! Linear layers with an optional LoRA delta: `y = x W^T + b + (alpha/r) · dropout(x) A^T B^T`.
+//!
+//! Frozen by type: a base weight is a plain [`Tensor`] (never trained, never saved with the
+//! adapter) unless the policy runs full fine-tuning, where it is a [`Var`]. LoRA's `A` and `B`
+//! are always `Var`s. A is initialised like PEFT (Kaiming-uniform with a = sqrt(5), i.e.
+//! U(-1/sqrt(in), 1/sqrt(in))), B is zero, so a fresh adapter leaves the model unchanged.
+
+use crate::ops::frozen_linear;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+
+/// A base parameter: frozen tensor, or trainable variable for full fine-tuning.
+#[derive(Clone, Debug)]
+pub enum Param {
+    Frozen(Tensor),
+    Trainable(Var),
+}
+
+impl Param {
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Param::Frozen(t) => t,
+            Param::Trainable(v) => v.as_tensor(),
+        }
+    }
+    pub fn new(t: Tensor, trainable: bool) -> Result<Self> {
+        Ok(if trainable {
+            Param::Trainable(Var::from_tensor(&t)?)
+        } else {
+            Param::Frozen(t)
+        })
+    }
+}
+
+/// LoRA hyper-parameters, as PEFT's `LoraConfig` names them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    /// Module name suffixes to adapt (`q_proj`, `down_proj`, ...); see [`LoraConfig::targets`].
+    pub target_modules: Vec<String>,
+    pub seed: u64,
+}
+
+pub const ALL_LINEAR: [&str; 10] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+];
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 32.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: vec!["all-linear".into()],
+            seed: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Whether the linear layer at `path` is adapted. `all-linear` means every linear layer but
+    /// `lm_head` and MoE routers; otherwise a module matches when its last name component is
+    /// listed or its full path ends with `.<entry>` (PEFT's rule for a list of names).
+    pub fn targets(&self, path: &str) -> bool {
+        let last = path.rsplit('.').next().unwrap_or(path);
+        self.target_modules.iter().any(|t| {
+            if t == "all-linear" {
+                ALL_LINEAR.contains(&last)
+            } else {
+                last == t || path == t || path.ends_with(&format!(".{t}"))
+            }
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct LoraDelta {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+    rng: Option<Arc<Mutex<StdRng>>>,
+}
+
+#[derive(Debug)]
+pub struct Linear {
+    /// Module path in the Hugging Face checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub lora: Option<LoraDelta>,
+}
+
+/// Per-forward switches.
+#[derive(Clone, Copy, Debug)]
+pub struct Fwd {
+    /// Apply LoRA deltas. Off, the policy is exactly the reference model.
+    pub adapters: bool,
+    /// Training mode: LoRA dropout active.
+    pub train: bool,
+}
+
+impl Fwd {
+    pub const POLICY: Fwd = Fwd {
+        adapters: true,
+        train: false,
+    };
+    pub const REFERENCE: Fwd = Fwd {
+        adapters: false,
+        train: false,
+    };
+}
+
+impl Linear {
+    pub fn new(path: impl Into<String>, weight: Param, bias: Option<Param>) -> Self {
+        Linear {
+            path: path.into(),
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.tensor().dims()[1]
+    }
+    pub fn out_dim(&self) -> usize {
+        self.weight.tensor().dims()[0]
+    }
+
+    /// Attach a fresh adapter (A Kaiming-uniform, B zero). `seed` makes it reproducible.
+    pub fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let (out_dim, in_dim) = (self.out_dim(), self.in_dim());
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let a: Vec<f32> = (0..cfg.r * in_dim)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = Tensor::from_vec(a, (cfg.r, in_dim), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out_dim, cfg.r), dtype, device)?;
+        self.set_lora(a, b, cfg.scaling(), cfg.dropout, seed)
+    }
+
+    pub fn set_lora(
+        &mut self,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        dropout: f64,
+        seed: u64,
+    ) -> Result<()> {
+        let rng = (dropout > 0.0)
+            .then(|| Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x9e37_79b9))));
+        self.lora = Some(LoraDelta {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale,
+            dropout,
+            rng,
+        });
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.tensor());
+        let mut y = match &self.weight {
+            Param::Frozen(w) => frozen_linear(x, w, bias)?,
+            Param::Trainable(w) => {
+                let y = x.broadcast_matmul(&w.as_tensor().t()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        };
+        if let (true, Some(l)) = (fwd.adapters, &self.lora) {
+            let xin = match (&l.rng, fwd.train) {
+                (Some(rng), true) => dropout(x, l.dropout, rng)?,
+                _ => x.clone(),
+            };
+            let h = xin.broadcast_matmul(&l.a.as_tensor().t()?)?;
+            let d = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
+            y = (y + (d * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// `W + scale · B A`, the merged weight.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.tensor();
+        match &self.lora {
+            Some(l) => {
+                let ba = l.b.as_tensor().matmul(l.a.as_tensor())?;
+                w + (ba * l.scale)?
+            }
+            None => Ok(w.clone()),
+        }
+    }
+}
+
+fn dropout(x: &Tensor, p: f64, rng: &Mutex<StdRng>) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = {
+        let mut rng = rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout rng poisoned".into()))?;
+        (0..n)
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    };
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}

@@ -1,0 +1,623 @@
+//! The decoder-only transformer shared by every supported family.
+//!
+//! Follows transformers' modeling files (`modeling_llama.py`, `modeling_qwen2.py`,
+//! `modeling_qwen3.py`, `modeling_qwen3_moe.py`, `modeling_mixtral.py`): pre-norm blocks,
+//! RMSNorm, rotary embeddings with `rotate_half`, grouped-query attention, SwiGLU MLPs, and a
+//! top-k softmax router for MoE layers. Every op used here has a backward pass in candle (see
+//! [`crate::ops`]); the same forward serves training (no cache) and generation (KV cache).
+
+use crate::config::{Family, ModelConfig};
+use crate::error::Result;
+use crate::lora::{Fwd, Linear, LoraConfig, Param};
+use crate::ops::{compute_dtype, rms_norm, rope, softmax_last_dim};
+use crate::weights::Checkpoint;
+use candle_core::{DType, Device, Tensor, D};
+
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub path: String,
+    pub weight: Param,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn load(ck: &Checkpoint, path: &str, dim: usize, eps: f64, trainable: bool) -> Result<Self> {
+        let w = ck.get(&format!("{path}.weight"), &[dim])?;
+        Ok(RmsNorm {
+            path: path.to_string(),
+            weight: Param::new(w, trainable)?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        rms_norm(x, self.weight.tensor(), self.eps)
+    }
+}
+
+fn load_linear(
+    ck: &Checkpoint,
+    path: &str,
+    out_dim: usize,
+    in_dim: usize,
+    bias: bool,
+    trainable: bool,
+) -> Result<Linear> {
+    let w = ck.get(&format!("{path}.weight"), &[out_dim, in_dim])?;
+    let b = if bias {
+        Some(Param::new(
+            ck.get(&format!("{path}.bias"), &[out_dim])?,
+            trainable,
+        )?)
+    } else {
+        None
+    };
+    Ok(Linear::new(path, Param::new(w, trainable)?, b))
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x, fwd)?.silu()?;
+        let u = self.up_proj.forward(x, fwd)?;
+        self.down_proj.forward(&(g * u)?, fwd)
+    }
+}
+
+#[derive(Debug)]
+pub struct Moe {
+    pub router: Linear,
+    pub experts: Vec<Mlp>,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+impl Moe {
+    /// Top-k routing: softmax over experts in f32, keep the k largest, renormalise if asked.
+    /// The routing choice is discrete (no gradient); the kept weights are differentiable.
+    fn forward(&self, x: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let n = b * t;
+        let x2 = x.reshape((n, h))?;
+        let logits = self.router.forward(&x2, fwd)?;
+        let probs = softmax_last_dim(&logits.to_dtype(compute_dtype(logits.dtype()))?)?;
+        let idx_all = probs.detach().arg_sort_last_dim(false)?;
+        let idx = idx_all.narrow(1, 0, self.top_k)?.contiguous()?;
+        let mut w = probs.gather(&idx, 1)?;
+        if self.norm_topk_prob {
+            w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+        }
+        let w_flat = w.to_dtype(x.dtype())?.flatten_all()?;
+        let idx_v: Vec<Vec<u32>> = idx.to_vec2()?;
+        let mut out = x2.zeros_like()?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let mut rows = Vec::new();
+            let mut slots = Vec::new();
+            for (row, chosen) in idx_v.iter().enumerate() {
+                for (slot, &c) in chosen.iter().enumerate() {
+                    if c as usize == e {
+                        rows.push(row as u32);
+                        slots.push((row * self.top_k + slot) as u32);
+                    }
+                }
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let rows_t = Tensor::new(rows.as_slice(), x.device())?;
+            let slots_t = Tensor::new(slots.as_slice(), x.device())?;
+            let xe = x2.index_select(&rows_t, 0)?;
+            let ye = expert.forward(&xe, fwd)?;
+            let we = w_flat.index_select(&slots_t, 0)?.unsqueeze(1)?;
+            out = out.index_add(&rows_t, &ye.broadcast_mul(&we)?, 0)?;
+        }
+        out.reshape((b, t, h))
+    }
+}
+
+#[derive(Debug)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug)]
+pub struct Layer {
+    pub input_layernorm: RmsNorm,
+    pub attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub ff: FeedForward,
+}
+
+/// Per-layer key/value cache for generation.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    pub kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            kv: vec![None; num_layers],
+        }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.kv
+            .first()
+            .and_then(|x| x.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        fwd: Fwd,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x, fwd)?.reshape((b, t, h, d))?;
+        let k = self.k_proj.forward(x, fwd)?.reshape((b, t, kvh, d))?;
+        let v = self.v_proj.forward(x, fwd)?.reshape((b, t, kvh, d))?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
+        let q = rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut v = v.transpose(1, 2)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dim(2)?;
+        let rep = h / kvh;
+        let (k, v) = if rep > 1 {
+            (
+                k.unsqueeze(2)?
+                    .broadcast_as((b, kvh, rep, s, d))?
+                    .reshape((b, h, s, d))?,
+                v.unsqueeze(2)?
+                    .broadcast_as((b, kvh, rep, s, d))?
+                    .reshape((b, h, s, d))?,
+            )
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let cd = compute_dtype(scores.dtype());
+        let scores = scores.to_dtype(cd)?.broadcast_add(mask)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&out, fwd)
+    }
+}
+
+/// A causal language model: embeddings, decoder layers, final norm, LM head.
+#[derive(Debug)]
+pub struct CausalLm {
+    pub cfg: ModelConfig,
+    pub embed: Param,
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub dtype: DType,
+    pub device: Device,
+    inv_freq: Vec<f64>,
+}
+
+impl CausalLm {
+    /// Load a model; `trainable` makes every base weight a `Var` (full fine-tuning).
+    pub fn load(cfg: &ModelConfig, ck: &Checkpoint, trainable: bool) -> Result<Self> {
+        let hs = cfg.hidden_size;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let embed_w = ck.get("model.embed_tokens.weight", &[cfg.vocab_size, hs])?;
+        let embed = Param::new(embed_w, trainable)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = cfg.family.qk_norm();
+            let attn = Attention {
+                q_proj: load_linear(
+                    ck,
+                    &format!("{p}.self_attn.q_proj"),
+                    h * d,
+                    hs,
+                    cfg.qkv_bias,
+                    trainable,
+                )?,
+                k_proj: load_linear(
+                    ck,
+                    &format!("{p}.self_attn.k_proj"),
+                    kvh * d,
+                    hs,
+                    cfg.qkv_bias,
+                    trainable,
+                )?,
+                v_proj: load_linear(
+                    ck,
+                    &format!("{p}.self_attn.v_proj"),
+                    kvh * d,
+                    hs,
+                    cfg.qkv_bias,
+                    trainable,
+                )?,
+                o_proj: load_linear(
+                    ck,
+                    &format!("{p}.self_attn.o_proj"),
+                    hs,
+                    h * d,
+                    cfg.o_bias,
+                    trainable,
+                )?,
+                q_norm: if qk_norm {
+                    Some(RmsNorm::load(
+                        ck,
+                        &format!("{p}.self_attn.q_norm"),
+                        d,
+                        cfg.rms_norm_eps,
+                        trainable,
+                    )?)
+                } else {
+                    None
+                },
+                k_norm: if qk_norm {
+                    Some(RmsNorm::load(
+                        ck,
+                        &format!("{p}.self_attn.k_norm"),
+                        d,
+                        cfg.rms_norm_eps,
+                        trainable,
+                    )?)
+                } else {
+                    None
+                },
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: d,
+            };
+            let ff = if cfg.layer_is_moe(i) {
+                let m = cfg.moe.as_ref().expect("layer_is_moe implies moe config");
+                let mixtral = cfg.family == Family::Mixtral
+                    || ck.has(&format!("{p}.block_sparse_moe.gate.weight"));
+                let (base, names) = if mixtral {
+                    (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"])
+                } else {
+                    (format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"])
+                };
+                let mi = m.intermediate_size;
+                let mut experts = Vec::with_capacity(m.num_experts);
+                for e in 0..m.num_experts {
+                    let ep = format!("{base}.experts.{e}");
+                    experts.push(Mlp {
+                        gate_proj: load_linear(
+                            ck,
+                            &format!("{ep}.{}", names[0]),
+                            mi,
+                            hs,
+                            cfg.mlp_bias,
+                            trainable,
+                        )?,
+                        up_proj: load_linear(
+                            ck,
+                            &format!("{ep}.{}", names[1]),
+                            mi,
+                            hs,
+                            cfg.mlp_bias,
+                            trainable,
+                        )?,
+                        down_proj: load_linear(
+                            ck,
+                            &format!("{ep}.{}", names[2]),
+                            hs,
+                            mi,
+                            cfg.mlp_bias,
+                            trainable,
+                        )?,
+                    });
+                }
+                FeedForward::Moe(Moe {
+                    router: load_linear(
+                        ck,
+                        &format!("{base}.gate"),
+                        m.num_experts,
+                        hs,
+                        false,
+                        trainable,
+                    )?,
+                    experts,
+                    top_k: m.top_k,
+                    norm_topk_prob: m.norm_topk_prob,
+                })
+            } else {
+                let mi = cfg.intermediate_size;
+                FeedForward::Dense(Mlp {
+                    gate_proj: load_linear(
+                        ck,
+                        &format!("{p}.mlp.gate_proj"),
+                        mi,
+                        hs,
+                        cfg.mlp_bias,
+                        trainable,
+                    )?,
+                    up_proj: load_linear(
+                        ck,
+                        &format!("{p}.mlp.up_proj"),
+                        mi,
+                        hs,
+                        cfg.mlp_bias,
+                        trainable,
+                    )?,
+                    down_proj: load_linear(
+                        ck,
+                        &format!("{p}.mlp.down_proj"),
+                        hs,
+                        mi,
+                        cfg.mlp_bias,
+                        trainable,
+                    )?,
+                })
+            };
+            layers.push(Layer {
+                input_layernorm: RmsNorm::load(
+                    ck,
+                    &format!("{p}.input_layernorm"),
+                    hs,
+                    cfg.rms_norm_eps,
+                    trainable,
+                )?,
+                attn,
+                post_attention_layernorm: RmsNorm::load(
+                    ck,
+                    &format!("{p}.post_attention_layernorm"),
+                    hs,
+                    cfg.rms_norm_eps,
+                    trainable,
+                )?,
+                ff,
+            });
+        }
+        let norm = RmsNorm::load(ck, "model.norm", hs, cfg.rms_norm_eps, trainable)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Tied: the head shares the embedding's parameter (the same Var in full FT).
+            Linear::new("lm_head", embed.clone(), None)
+        } else {
+            load_linear(ck, "lm_head", cfg.vocab_size, hs, false, trainable)?
+        };
+        Ok(CausalLm {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype: ck.dtype,
+            device: ck.device.clone(),
+            inv_freq: cfg.rope_inv_freq(),
+        })
+    }
+
+    /// Every linear layer, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            let a = &l.attn;
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            match &l.ff {
+                FeedForward::Dense(m) => v.extend([&m.gate_proj, &m.up_proj, &m.down_proj]),
+                FeedForward::Moe(moe) => {
+                    v.push(&moe.router);
+                    for m in &moe.experts {
+                        v.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+                    }
+                }
+            }
+        }
+        v.push(&self.lm_head);
+        v
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for l in &mut self.layers {
+            let a = &mut l.attn;
+            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            match &mut l.ff {
+                FeedForward::Dense(m) => {
+                    v.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj])
+                }
+                FeedForward::Moe(moe) => {
+                    v.push(&mut moe.router);
+                    for m in &mut moe.experts {
+                        v.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+                    }
+                }
+            }
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+
+    /// Every norm, in checkpoint order.
+    pub fn norms(&self) -> Vec<&RmsNorm> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            v.push(&l.input_layernorm);
+            v.extend(l.attn.q_norm.iter());
+            v.extend(l.attn.k_norm.iter());
+            v.push(&l.post_attention_layernorm);
+        }
+        v.push(&self.norm);
+        v
+    }
+
+    /// Attach fresh LoRA adapters to the targeted layers. Seeds differ per layer, derived from
+    /// `cfg.seed`, so an adapter is reproducible.
+    pub fn add_lora(&mut self, cfg: &LoraConfig) -> Result<usize> {
+        let (dtype, device) = (self.dtype, self.device.clone());
+        let mut n = 0;
+        for (i, lin) in self.linears_mut().into_iter().enumerate() {
+            if cfg.targets(&lin.path) {
+                lin.add_lora(
+                    cfg,
+                    cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                    dtype,
+                    &device,
+                )?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn rope_tables(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        // transformers computes the angles in f32; f64 models keep f64 for finite differences.
+        let dt = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let inv = Tensor::new(self.inv_freq.as_slice(), &self.device)?.to_dtype(dt)?;
+        let freqs = positions
+            .to_dtype(dt)?
+            .unsqueeze(2)?
+            .broadcast_mul(&inv.reshape((1, 1, self.inv_freq.len()))?)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+
+    /// Additive attention mask `[B, 1, T, S]` in the compute dtype: causal (with an optional
+    /// sliding window) over `past + T` keys, and keys marked invalid in `key_valid_B_S` masked.
+    pub fn attention_mask(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        key_valid_b_s: Option<&[Vec<bool>]>,
+    ) -> candle_core::Result<Tensor> {
+        let s = past + t;
+        let neg = match compute_dtype(self.dtype) {
+            DType::F64 => f64::MIN,
+            _ => f32::MIN as f64,
+        };
+        let mut m = vec![0f64; b * t * s];
+        let window = self.cfg.sliding_window;
+        for bi in 0..(if key_valid_b_s.is_some() { b } else { 1 }) {
+            for i in 0..t {
+                let qpos = past + i;
+                for j in 0..s {
+                    let mut ok = j <= qpos;
+                    if let Some(w) = window {
+                        ok &= qpos - j.min(qpos) < w;
+                    }
+                    if let Some(kv) = key_valid_b_s {
+                        ok &= kv[bi].get(j).copied().unwrap_or(false);
+                    }
+                    if !ok {
+                        m[(bi * t + i) * s + j] = neg;
+                    }
+                }
+            }
+        }
+        let rows = if key_valid_b_s.is_some() { b } else { 1 };
+        m.truncate(rows * t * s);
+        Tensor::from_vec(m, (rows, 1, t, s), &self.device)?.to_dtype(compute_dtype(self.dtype))
+    }
+
+    /// Hidden states after the final norm, `[B, T, hidden]`.
+    pub fn forward_hidden(
+        &self,
+        ids_b_t: &Tensor,
+        positions_b_t: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        fwd: Fwd,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids_b_t.dims2()?;
+        let (cos, sin) = self.rope_tables(positions_b_t)?;
+        let mut x = self
+            .embed
+            .tensor()
+            .index_select(&ids_b_t.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let h = layer.input_layernorm.forward(&x)?;
+            let a = layer.attn.forward(&h, &cos, &sin, mask, slot, fwd)?;
+            x = (x + a)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let f = match &layer.ff {
+                FeedForward::Dense(m) => m.forward(&h, fwd)?,
+                FeedForward::Moe(m) => m.forward(&h, fwd)?,
+            };
+            x = (x + f)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `[B, T, V]` for a right-padded training batch (positions 0..T, causal mask).
+    pub fn forward(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
+        let (b, t) = ids_b_t.dims2()?;
+        let pos = Tensor::arange(0u32, t as u32, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((b, t))?
+            .contiguous()?;
+        let mask = self.attention_mask(b, t, 0, None)?;
+        let h = self.forward_hidden(ids_b_t, &pos, &mask, None, fwd)?;
+        self.lm_head.forward(&h, fwd)
+    }
+}
+
+impl Fwd {
+    pub fn with_train(self, train: bool) -> Fwd {
+        Fwd { train, ..self }
+    }
+}
+
+/// Log-probabilities of the next tokens: `[B, T-1]`, entry `t` is `log p(ids[t+1] | ids[..=t])`.
+/// Log-softmax runs in f32 (f64 for f64 models) whatever the weights' dtype.
+pub fn next_token_logps(logits_b_t_v: &Tensor, ids_b_t: &Tensor) -> candle_core::Result<Tensor> {
+    let (_b, t, _v) = logits_b_t_v.dims3()?;
+    let cd = compute_dtype(logits_b_t_v.dtype());
+    let logits = logits_b_t_v.narrow(1, 0, t - 1)?.to_dtype(cd)?;
+    let lp = crate::ops::log_softmax_last_dim(&logits)?;
+    let targets = ids_b_t
+        .narrow(1, 1, t - 1)?
+        .contiguous()?
+        .unsqueeze(D::Minus1)?;
+    lp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)
+}

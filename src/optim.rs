@@ -1,1 +1,0 @@
-//! AdamW with saveable state, learning-rate schedules and global-norm clipping.

@@ -1,0 +1,371 @@
+//! Adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`, keys
+//! `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`; and merged models in
+//! Hugging Face's format.
+
+use crate::error::{read_json, write_atomic, Error, Result};
+use crate::lora::{Linear, LoraConfig};
+use crate::policy::Policy;
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default = "lora_str")]
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub target_modules: Option<serde_json::Value>,
+    #[serde(default = "none_str")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    #[serde(default)]
+    pub init_lora_weights: serde_json::Value,
+}
+
+fn lora_str() -> String {
+    "LORA".into()
+}
+fn none_str() -> String {
+    "none".into()
+}
+
+impl AdapterConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+}
+
+fn adapter_err(dir: &Path, msg: impl Into<String>) -> Error {
+    Error::Adapter {
+        path: dir.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Read an adapter folder's config, refusing what align cannot reproduce exactly.
+pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join(CONFIG_FILE);
+    if !path.exists() {
+        return Err(adapter_err(
+            dir,
+            format!("no {CONFIG_FILE} (is this a PEFT adapter folder?)"),
+        ));
+    }
+    let c: AdapterConfig = read_json(&path)?;
+    if c.peft_type != "LORA" {
+        return Err(adapter_err(
+            dir,
+            format!("peft_type `{}` is not supported (only LORA)", c.peft_type),
+        ));
+    }
+    if c.use_dora {
+        return Err(adapter_err(
+            dir,
+            "DoRA adapters (use_dora: true) are not supported",
+        ));
+    }
+    if c.bias != "none" {
+        return Err(adapter_err(
+            dir,
+            format!("bias `{}` is not supported (only \"none\")", c.bias),
+        ));
+    }
+    if c.fan_in_fan_out {
+        return Err(adapter_err(
+            dir,
+            "fan_in_fan_out adapters (GPT-2 Conv1D) are not supported",
+        ));
+    }
+    if matches!(&c.modules_to_save, Some(v) if !v.is_null() && v.as_array().map(|a| !a.is_empty()).unwrap_or(true))
+    {
+        return Err(adapter_err(dir, "modules_to_save is not supported"));
+    }
+    if !c.alpha_pattern.is_empty() {
+        return Err(adapter_err(dir, "alpha_pattern is not supported"));
+    }
+    if c.r == 0 {
+        return Err(adapter_err(dir, "r must be at least 1"));
+    }
+    Ok(c)
+}
+
+/// Load a PEFT adapter onto a policy's base model, replacing any adapters it had.
+/// Every tensor must name a linear layer of the model with matching shapes.
+pub fn load_adapter(policy: &mut Policy, dir: &Path) -> Result<AdapterConfig> {
+    let cfg = read_config(dir)?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.exists() {
+        return Err(adapter_err(dir, format!("no {WEIGHTS_FILE}")));
+    }
+    let device = policy.device().clone();
+    let dtype = policy.dtype();
+    let tensors = candle_core::safetensors::load(&wpath, &device)
+        .map_err(|e| adapter_err(dir, format!("{WEIGHTS_FILE}: {e}")))?;
+    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    for (key, t) in tensors {
+        let k = key.replace(".default.", ".");
+        let body = k.strip_prefix(PREFIX).ok_or_else(|| {
+            adapter_err(
+                dir,
+                format!("tensor `{key}` does not start with `{PREFIX}`"),
+            )
+        })?;
+        let (module, which) = if let Some(m) = body.strip_suffix(".lora_A.weight") {
+            (m, 0)
+        } else if let Some(m) = body.strip_suffix(".lora_B.weight") {
+            (m, 1)
+        } else {
+            return Err(adapter_err(
+                dir,
+                format!("tensor `{key}` is not a LoRA A/B weight (unsupported adapter kind)"),
+            ));
+        };
+        let e = pairs.entry(module.to_string()).or_default();
+        if which == 0 {
+            e.0 = Some(t);
+        } else {
+            e.1 = Some(t);
+        }
+    }
+    if pairs.is_empty() {
+        return Err(adapter_err(
+            dir,
+            format!("{WEIGHTS_FILE} holds no LoRA tensors"),
+        ));
+    }
+    let scale = cfg.scaling();
+    let mut linears: HashMap<String, &mut Linear> = policy
+        .model
+        .linears_mut()
+        .into_iter()
+        .map(|l| (l.path.clone(), l))
+        .collect();
+    for lin in linears.values_mut() {
+        lin.lora = None;
+    }
+    let mut modules: Vec<_> = pairs.into_iter().collect();
+    modules.sort_by(|a, b| a.0.cmp(&b.0));
+    for (module, (a, b)) in modules {
+        let lin = linears.get_mut(&module).ok_or_else(|| {
+            adapter_err(dir, format!("tensor `{PREFIX}{module}.lora_A.weight` names module `{module}`, which this model does not have (adapter made for another model?)"))
+        })?;
+        let a =
+            a.ok_or_else(|| adapter_err(dir, format!("`{module}` has lora_B but no lora_A")))?;
+        let b =
+            b.ok_or_else(|| adapter_err(dir, format!("`{module}` has lora_A but no lora_B")))?;
+        let r = a.dims().first().copied().unwrap_or(0);
+        let (out_dim, in_dim) = (lin.out_dim(), lin.in_dim());
+        if a.dims() != [r, in_dim] {
+            return Err(Error::Shape {
+                name: format!("{PREFIX}{module}.lora_A.weight"),
+                expected: vec![r, in_dim],
+                found: a.dims().to_vec(),
+                context: Some(format!("adapter {} does not fit this model", dir.display())),
+            });
+        }
+        if b.dims() != [out_dim, r] {
+            return Err(Error::Shape {
+                name: format!("{PREFIX}{module}.lora_B.weight"),
+                expected: vec![out_dim, r],
+                found: b.dims().to_vec(),
+                context: Some(format!("adapter {} does not fit this model", dir.display())),
+            });
+        }
+        // rank_pattern may give a module another rank; its scaling follows PEFT: alpha / r_module.
+        let s = if r == cfg.r {
+            scale
+        } else if cfg.use_rslora {
+            cfg.lora_alpha / (r as f64).sqrt()
+        } else {
+            cfg.lora_alpha / r as f64
+        };
+        lin.set_lora(
+            a.to_dtype(dtype)?,
+            b.to_dtype(dtype)?,
+            s,
+            cfg.lora_dropout,
+            0,
+        )?;
+    }
+    policy.mode = crate::policy::TrainMode::Lora(LoraConfig {
+        r: cfg.r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        use_rslora: cfg.use_rslora,
+        target_modules: target_list(&cfg),
+        seed: 0,
+    });
+    Ok(cfg)
+}
+
+fn target_list(cfg: &AdapterConfig) -> Vec<String> {
+    match &cfg.target_modules {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        _ => vec![],
+    }
+}
+
+/// Save the policy's adapters in PEFT's format (atomically, file by file).
+pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
+    let lc = match &policy.mode {
+        crate::policy::TrainMode::Lora(lc) => lc.clone(),
+        _ => {
+            return Err(Error::Msg(
+                "this policy has no LoRA adapters to save".into(),
+            ))
+        }
+    };
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut targets: Vec<String> = Vec::new();
+    for lin in policy.model.linears() {
+        if let Some(l) = &lin.lora {
+            tensors.insert(
+                format!("{PREFIX}{}.lora_A.weight", lin.path),
+                l.a.as_tensor().clone(),
+            );
+            tensors.insert(
+                format!("{PREFIX}{}.lora_B.weight", lin.path),
+                l.b.as_tensor().clone(),
+            );
+            let last = lin.path.rsplit('.').next().unwrap_or(&lin.path).to_string();
+            if !targets.contains(&last) {
+                targets.push(last);
+            }
+        }
+    }
+    targets.sort();
+    let cfg = AdapterConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path: Some(policy.dir.display().to_string()),
+        r: lc.r,
+        lora_alpha: lc.alpha,
+        lora_dropout: lc.dropout,
+        use_rslora: lc.use_rslora,
+        target_modules: Some(serde_json::json!(targets)),
+        bias: "none".into(),
+        fan_in_fan_out: false,
+        use_dora: false,
+        modules_to_save: None,
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        inference_mode: true,
+        init_lora_weights: serde_json::json!(true),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
+    let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), &json)?;
+    Ok(())
+}
+
+/// Serialise tensors to a safetensors file atomically.
+pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)?;
+    let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// Write the policy as a plain Hugging Face model folder, LoRA deltas merged into the weights
+/// (or the fine-tuned weights in full mode). Tokenizer files are copied from the base folder.
+pub fn save_merged(policy: &Policy, out: &Path, dtype: Option<DType>) -> Result<()> {
+    let m = &policy.model;
+    let dtype = dtype.unwrap_or(m.dtype);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |name: String, t: Tensor| -> Result<()> {
+        tensors.insert(name, t.to_dtype(dtype)?);
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), m.embed.tensor().clone())?;
+    let tied = m.cfg.tie_word_embeddings;
+    let untie = tied && m.lm_head.lora.is_some();
+    for lin in m.linears() {
+        if lin.path == "lm_head" && tied && !untie {
+            continue;
+        }
+        put(format!("{}.weight", lin.path), lin.merged_weight()?)?;
+        if let Some(b) = &lin.bias {
+            put(format!("{}.bias", lin.path), b.tensor().clone())?;
+        }
+    }
+    for n in m.norms() {
+        put(format!("{}.weight", n.path), n.weight.tensor().clone())?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    write_safetensors(&tensors, &out.join("model.safetensors"))?;
+    let mut raw = m.cfg.raw.clone();
+    if let Some(o) = raw.as_object_mut() {
+        let name = match dtype {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            DType::F64 => "float64",
+            _ => "float32",
+        };
+        o.insert("torch_dtype".into(), serde_json::json!(name));
+        if o.contains_key("dtype") {
+            o.insert("dtype".into(), serde_json::json!(name));
+        }
+        if untie {
+            o.insert("tie_word_embeddings".into(), serde_json::json!(false));
+        }
+    }
+    let json = serde_json::to_vec_pretty(&raw).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&out.join("config.json"), &json)?;
+    copy_tokenizer_files(&policy.dir, out)?;
+    Ok(())
+}
+
+/// Copy tokenizer and generation files from one model folder to another (those present).
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        let src = from.join(f);
+        if src.exists() && from != to {
+            std::fs::copy(&src, to.join(f)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}

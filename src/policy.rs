@@ -1,0 +1,195 @@
+//! The policy: a frozen base model plus LoRA deltas (or, for the full fine-tuning baseline,
+//! every weight trainable). With the adapters off the policy *is* the reference model.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::lora::{Fwd, LoraConfig, Param};
+use crate::models::transformer::next_token_logps;
+use crate::models::CausalLm;
+use crate::weights::Checkpoint;
+use candle_core::{DType, Device, Tensor, Var};
+use std::path::{Path, PathBuf};
+
+/// What is trained.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrainMode {
+    /// Nothing: a frozen model (inference, reference).
+    Frozen,
+    /// Fresh LoRA adapters on the targeted layers.
+    Lora(LoraConfig),
+    /// Full fine-tuning: every base weight is trainable.
+    Full,
+}
+
+pub struct Policy {
+    pub model: CausalLm,
+    pub dir: PathBuf,
+    pub mode: TrainMode,
+}
+
+/// A right-padded batch of token sequences and the mask of the targets that count.
+#[derive(Clone, Debug)]
+pub struct TokenBatch {
+    /// `[B, T]` u32.
+    pub ids: Tensor,
+    /// `[B, T-1]`, 1 where `ids[t+1]` is a completion token (a target), else 0; compute dtype.
+    pub mask: Tensor,
+    /// Completion tokens per sequence.
+    pub completion_lens: Vec<usize>,
+}
+
+impl TokenBatch {
+    /// Build from `(prompt, completion)` token pairs; only completion tokens are targets.
+    pub fn from_pairs(
+        seqs: &[(&[u32], &[u32])],
+        pad_id: u32,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let t = seqs
+            .iter()
+            .map(|(p, c)| p.len() + c.len())
+            .max()
+            .unwrap_or(0)
+            .max(2);
+        let b = seqs.len();
+        let mut ids = vec![pad_id; b * t];
+        let mut mask = vec![0f32; b * (t - 1)];
+        let mut lens = Vec::with_capacity(b);
+        for (i, (p, c)) in seqs.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Error::Msg(format!(
+                    "sequence {i}: empty prompt (no BOS/context to predict from)"
+                )));
+            }
+            for (j, &tok) in p.iter().chain(c.iter()).enumerate() {
+                ids[i * t + j] = tok;
+            }
+            for j in 0..c.len() {
+                // target position p.len()+j is predicted from position p.len()+j-1
+                mask[i * (t - 1) + p.len() + j - 1] = 1.0;
+            }
+            lens.push(c.len());
+        }
+        Ok(TokenBatch {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            mask: Tensor::from_vec(mask, (b, t - 1), device)?
+                .to_dtype(crate::ops::compute_dtype(dtype))?,
+            completion_lens: lens,
+        })
+    }
+}
+
+impl Policy {
+    /// Load a Hugging Face model folder.
+    pub fn load(dir: &Path, mode: TrainMode, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir, cfg.family.name(), dtype, device)?;
+        let mut model = CausalLm::load(&cfg, &ck, mode == TrainMode::Full)?;
+        if let TrainMode::Lora(lc) = &mode {
+            if lc.r == 0 {
+                return Err(Error::Msg("LoRA rank must be at least 1".into()));
+            }
+            let n = model.add_lora(lc)?;
+            if n == 0 {
+                return Err(Error::Msg(format!(
+                    "LoRA target_modules {:?} match no linear layer of this {} model",
+                    lc.target_modules,
+                    cfg.family.name()
+                )));
+            }
+        }
+        Ok(Policy {
+            model,
+            dir: dir.to_path_buf(),
+            mode,
+        })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.model.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.model.dtype
+    }
+
+    /// The trainable variables with their names: PEFT adapter names (`<path>.lora_A.weight`)
+    /// for LoRA, checkpoint names for full fine-tuning. Tied weights appear once.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = Vec::new();
+        let mut push = |name: String, p: &Param| {
+            if let Param::Trainable(v) = p {
+                if !out
+                    .iter()
+                    .any(|(_, o)| o.as_tensor().id() == v.as_tensor().id())
+                {
+                    out.push((name, v.clone()));
+                }
+            }
+        };
+        push("model.embed_tokens.weight".into(), &self.model.embed);
+        for lin in self.model.linears() {
+            push(format!("{}.weight", lin.path), &lin.weight);
+            if let Some(b) = &lin.bias {
+                push(format!("{}.bias", lin.path), b);
+            }
+        }
+        for n in self.model.norms() {
+            push(format!("{}.weight", n.path), &n.weight);
+        }
+        for lin in self.model.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((format!("{}.lora_A.weight", lin.path), l.a.clone()));
+                out.push((format!("{}.lora_B.weight", lin.path), l.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Number of trainable and total parameters.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let trainable: usize = self
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let mut total = self.model.embed.tensor().elem_count();
+        for lin in self.model.linears() {
+            if lin.path == "lm_head" && self.model.cfg.tie_word_embeddings {
+                continue;
+            }
+            total += lin.weight.tensor().elem_count()
+                + lin
+                    .bias
+                    .as_ref()
+                    .map(|b| b.tensor().elem_count())
+                    .unwrap_or(0);
+        }
+        total += self
+            .model
+            .norms()
+            .iter()
+            .map(|n| n.weight.tensor().elem_count())
+            .sum::<usize>();
+        (trainable, total)
+    }
+
+    pub fn logits(&self, ids_b_t: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        Ok(self.model.forward(ids_b_t, fwd)?)
+    }
+
+    /// Per-token log-probs `[B, T-1]` of each next token.
+    pub fn token_logps(&self, ids_b_t: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        let logits = self.model.forward(ids_b_t, fwd)?;
+        Ok(next_token_logps(&logits, ids_b_t)?)
+    }
+
+    /// Sum of completion-token log-probs per sequence, `[B]`.
+    pub fn sequence_logps(&self, batch: &TokenBatch, fwd: Fwd) -> Result<Tensor> {
+        let lp = self.token_logps(&batch.ids, fwd)?;
+        Ok((lp * &batch.mask)?.sum(1)?)
+    }
+}

@@ -1,0 +1,36 @@
+#![allow(dead_code)]
+//! Helpers shared by the integration tests.
+
+use align::config::Family;
+use align::init::{init_model, size, InitOptions};
+use candle_core::DType;
+use std::path::{Path, PathBuf};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// A random tiny model of `family` in a temp dir (vocab 97).
+pub fn tiny_model(family: Family, dir: &Path, dtype: DType) -> PathBuf {
+    let out = dir.join(family.name());
+    init_model(&InitOptions {
+        family,
+        size: size("tiny").unwrap(),
+        vocab_size: 97,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        pad_token_id: Some(0),
+        seed: 7,
+        tie_word_embeddings: family == Family::Qwen2,
+        max_position_embeddings: 256,
+        dtype,
+        out: &out,
+    })
+    .expect("init tiny model");
+    out
+}
