@@ -143,7 +143,7 @@ pub fn dpo_loss(x: &DpoInputs, cfg: &DpoConfig) -> Result<(Tensor, DpoMetrics)> 
         named.push(("rejected_len_B", t));
     }
     same_shapes(OP, &named)?;
-    if !(cfg.beta > 0.0) {
+    if cfg.beta.is_nan() || cfg.beta <= 0.0 {
         bail_config!("dpo_loss: beta must be > 0, got {}", cfg.beta);
     }
     let beta = cfg.beta;
