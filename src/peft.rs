@@ -44,6 +44,8 @@ pub struct AdapterConfig {
     pub alpha_pattern: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     pub inference_mode: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub init_lora_weights: serde_json::Value,
 }
@@ -86,6 +88,16 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
         return Err(adapter_err(
             dir,
             format!("peft_type `{}` is not supported (only LORA)", c.peft_type),
+        ));
+    }
+    if matches!(&c.target_parameters, Some(v) if v.as_array().map(|a| !a.is_empty()).unwrap_or(!v.is_null()))
+    {
+        return Err(adapter_err(
+            dir,
+            format!(
+                "this adapter targets fused MoE expert parameters {} (PEFT `target_parameters`, transformers 5's in-memory layout); align reads per-expert adapters (`mlp.experts.<e>.gate_proj`, ...) as Hub checkpoints name them",
+                c.target_parameters.as_ref().map(|v| v.to_string()).unwrap_or_default()
+            ),
         ));
     }
     if c.use_dora {
@@ -285,6 +297,7 @@ pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
         alpha_pattern: BTreeMap::new(),
         inference_mode: true,
         init_lora_weights: serde_json::json!(true),
+        target_parameters: None,
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
