@@ -10,11 +10,12 @@ pub const ASSISTANT_MARKER: &str = "\n\nAssistant:";
 pub enum HhSkip {
     /// One side has no "\n\nAssistant:" at all.
     NoAssistantTurn,
-    /// The two sides differ before their last "\n\nAssistant:".
+    /// `rejected` does not start with the prompt taken from `chosen`.
     Divergent,
     /// Both completions are identical.
     Identical,
-    /// A completion is empty or whitespace only.
+    /// A completion is empty (zero length; whitespace-only completions are kept, as the
+    /// public HH data has chosen completions that are a single space).
     EmptyCompletion,
 }
 
@@ -30,24 +31,27 @@ impl From<HhSkip> for SkipReason {
 }
 
 /// Splits HH `chosen`/`rejected` transcripts into `(prompt, chosen_completion,
-/// rejected_completion)`. The prompt is the text up to and including the last
-/// "\n\nAssistant:" of each side, and must be identical on both sides; each completion is
-/// the rest (keeping its leading space, e.g. `" Sure, ..."`). So `prompt + completion`
-/// always reproduces the original transcript.
+/// rejected_completion)` the way the HH-RLHF recipes do (`extract_anthropic_prompt`): the
+/// prompt is `chosen` up to and including its last "\n\nAssistant:", and `rejected` must
+/// start with that same prompt (else the sides diverge early and the row is skipped). Each
+/// completion is the rest, keeping its leading space (e.g. `" Sure, ..."`), so
+/// `prompt + completion` always reproduces the original transcript. (A rejected completion
+/// may itself contain "\n\nAssistant:": some public rows do.)
 pub fn split_hh(chosen: &str, rejected: &str) -> Result<(String, String, String), HhSkip> {
-    let (Some(kc), Some(kr)) = (
-        chosen.rfind(ASSISTANT_MARKER),
-        rejected.rfind(ASSISTANT_MARKER),
-    ) else {
+    let Some(kc) = chosen.rfind(ASSISTANT_MARKER) else {
         return Err(HhSkip::NoAssistantTurn);
     };
     let ec = kc + ASSISTANT_MARKER.len();
-    let er = kr + ASSISTANT_MARKER.len();
-    if chosen[..ec] != rejected[..er] {
-        return Err(HhSkip::Divergent);
+    if !rejected.starts_with(&chosen[..ec]) {
+        return Err(if rejected.contains(ASSISTANT_MARKER) {
+            HhSkip::Divergent
+        } else {
+            HhSkip::NoAssistantTurn
+        });
     }
+    let er = ec;
     let (c, r) = (&chosen[ec..], &rejected[er..]);
-    if c.trim().is_empty() || r.trim().is_empty() {
+    if c.is_empty() || r.is_empty() {
         return Err(HhSkip::EmptyCompletion);
     }
     if c == r {
@@ -111,11 +115,14 @@ mod tests {
                     prop_assert_eq!(format!("{p}{rc}"), rejected.clone());
                     prop_assert!(p.ends_with(ASSISTANT_MARKER));
                     prop_assert!(!cc.contains(ASSISTANT_MARKER));
-                    prop_assert!(!rc.contains(ASSISTANT_MARKER));
                     prop_assert!(cc != rc);
                 }
                 Err(HhSkip::NoAssistantTurn) => {
                     prop_assert!(!chosen.contains(ASSISTANT_MARKER) || !rejected.contains(ASSISTANT_MARKER));
+                }
+                Err(HhSkip::Divergent) => {
+                    let k = chosen.rfind(ASSISTANT_MARKER).unwrap() + ASSISTANT_MARKER.len();
+                    prop_assert!(!rejected.starts_with(&chosen[..k]));
                 }
                 Err(_) => {}
             }

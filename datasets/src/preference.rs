@@ -218,9 +218,7 @@ enum Parsed {
 fn text<'a>(b: &'a RecordBatch, col: &str, row: usize) -> std::result::Result<&'a str, Parsed> {
     match text_at(b, col, row) {
         None => Err(Parsed::Skip(SkipReason::NullField, col.to_string())),
-        Some(s) if s.trim().is_empty() => {
-            Err(Parsed::Skip(SkipReason::EmptyField, col.to_string()))
-        }
+        Some("") => Err(Parsed::Skip(SkipReason::EmptyField, col.to_string())),
         Some(s) => Ok(s),
     }
 }
@@ -286,7 +284,7 @@ fn parse(
         }
     };
     if let Parsed::Pair(_, c, r) = &parsed {
-        if c.trim().is_empty() || r.trim().is_empty() {
+        if c.is_empty() || r.is_empty() {
             return Ok(Parsed::Skip(SkipReason::EmptyField, "completion".into()));
         }
         if c == r {

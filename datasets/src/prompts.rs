@@ -179,7 +179,7 @@ impl Iterator for PromptStream {
                         self.skips.record(SkipReason::NullField, &r.id, col.clone());
                         continue;
                     }
-                    Some(s) if s.trim().is_empty() => {
+                    Some("") => {
                         self.skips
                             .record(SkipReason::EmptyField, &r.id, col.clone());
                         continue;

@@ -10,7 +10,7 @@ use std::fmt;
 pub enum SkipReason {
     /// A required field was null.
     NullField,
-    /// A required field was empty (or whitespace only).
+    /// A required field was an empty string or an empty message list.
     EmptyField,
     /// An HH transcript without any "\n\nAssistant:" turn.
     HhNoAssistantTurn,
