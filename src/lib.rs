@@ -10,6 +10,7 @@ pub mod ops;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub mod commands;
 pub mod init;
 pub mod peft;
 pub mod policy;

@@ -1,3 +1,64 @@
+//! The `align` command line. Each subcommand lives in `src/commands/<name>.rs` with its own
+//! flags; the list of commands is the one `match` below.
+
+use align::commands;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "align",
+    version,
+    about = "Align language models with preference and reinforcement learning on LoRA policies",
+    long_about = "align trains LoRA adapters (or, as a baseline, all weights) of Hugging Face \
+decoder models (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) with DPO, GRPO and SFT, on CPU \
+or CUDA. Adapters are written in PEFT's format. Run `align dpo` with no arguments for a small \
+embedded demo."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Direct Preference Optimisation of a LoRA adapter (or all weights with --full).
+    Dpo(commands::dpo::Args),
+    /// Supervised fine-tuning on completions or plain text.
+    Sft(commands::sft::Args),
+    /// Group Relative Policy Optimisation with verifiable or model rewards.
+    Grpo(commands::grpo::Args),
+    /// Sample completions for a prompt set.
+    Generate(commands::generate::Args),
+    /// Per-pair log-probabilities of chosen and rejected completions, as JSON lines.
+    Logprobs(commands::logprobs::Args),
+    /// Merge a PEFT adapter into its base model and write a Hugging Face model folder.
+    Merge(commands::merge::Args),
+    /// Write a randomly initialised model in Hugging Face format.
+    Init(commands::init::Args),
+    /// Train a byte-level BPE tokenizer.
+    Tokenizer(commands::tokenizer::Args),
+    /// Benchmarks: one training step LoRA vs full fine-tuning (time and peak memory).
+    Bench(commands::bench::Args),
+}
+
 fn main() {
-    println!("align");
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dpo(a) => commands::dpo::run(a),
+        Command::Sft(a) => commands::sft::run(a),
+        Command::Grpo(a) => commands::grpo::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Logprobs(a) => commands::logprobs::run(a),
+        Command::Merge(a) => commands::merge::run(a),
+        Command::Init(a) => commands::init::run(a),
+        Command::Tokenizer(a) => commands::tokenizer::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
 }
