@@ -14,3 +14,4 @@ pub mod commands;
 pub mod init;
 pub mod peft;
 pub mod policy;
+pub mod trainer;
