@@ -3,7 +3,7 @@
 use crate::error::{DatasetError, Result};
 use crate::schema::{require, text_at, ColumnKind};
 use crate::skip::{SkipReason, SkipStats};
-use crate::source::{RowId, Source};
+use crate::source::Source;
 use crate::stream::{load_metas, Cursor, Engine, StreamOptions};
 use arrow::array::{
     Array, ArrayRef, AsArray, Float32Array, Float32Builder, Int64Array, ListBuilder, RecordBatch,
@@ -356,7 +356,6 @@ impl Iterator for RolloutStream {
                     None
                 },
             };
-            let _: &RowId = &r.id;
             return Some(Ok(rollout));
         }
     }

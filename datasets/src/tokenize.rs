@@ -3,7 +3,6 @@
 use crate::chat::ChatTemplate;
 use crate::error::{DatasetError, Result};
 use crate::preference::PreferencePair;
-use crate::source::RowId;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -287,6 +286,3 @@ impl fmt::Debug for TokenizerBundle {
             .finish()
     }
 }
-
-#[allow(dead_code)]
-fn _row_id_is_used(_: RowId) {}
