@@ -11,6 +11,7 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub mod commands;
+pub mod generate;
 pub mod init;
 pub mod peft;
 pub mod policy;
