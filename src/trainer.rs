@@ -9,7 +9,9 @@
 
 use crate::error::{write_atomic, Error};
 use crate::policy::{Policy, TrainMode};
-use align_algorithms::optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, LrScheduleKind, LrScheduler};
+use align_algorithms::optim::{
+    clip_grad_norm, AdamW, AdamWConfig, AdamWState, LrScheduleKind, LrScheduler,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -90,7 +92,8 @@ impl Trainer {
             warmup_steps: settings.warmup_steps,
             total_steps: settings.steps,
         };
-        std::fs::create_dir_all(&settings.out).with_context(|| format!("creating {}", settings.out.display()))?;
+        std::fs::create_dir_all(&settings.out)
+            .with_context(|| format!("creating {}", settings.out.display()))?;
         let metrics_path = settings.out.join("metrics.jsonl");
         let metrics_file = std::fs::OpenOptions::new()
             .create(true)
@@ -167,7 +170,10 @@ impl Trainer {
         metrics.insert("lr".into(), lr);
         metrics.insert("grad_norm".into(), grad_norm);
         if let Some(tokens) = metrics.remove("tokens") {
-            metrics.insert("tokens_per_s".into(), tokens * n as f64 / t0.elapsed().as_secs_f64().max(1e-9));
+            metrics.insert(
+                "tokens_per_s".into(),
+                tokens * n as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            );
         }
         metrics.insert("step_time_s".into(), t0.elapsed().as_secs_f64());
         Ok(StepOutcome::Stepped(metrics))
@@ -176,7 +182,10 @@ impl Trainer {
     fn nonfinite(&mut self, what: String) -> Result<StepOutcome> {
         if self.settings.skip_nonfinite {
             self.nonfinite_skips += 1;
-            self.progress.note(&format!("step {}: {what}; batch skipped (--skip-nonfinite)", self.step + 1));
+            self.progress.note(&format!(
+                "step {}: {what}; batch skipped (--skip-nonfinite)",
+                self.step + 1
+            ));
             return Ok(StepOutcome::Skipped);
         }
         let last = match &self.last_checkpoint {
@@ -194,9 +203,17 @@ impl Trainer {
         let mut obj = serde_json::Map::new();
         obj.insert("step".into(), serde_json::json!(self.step));
         for (k, v) in metrics {
-            obj.insert(k.clone(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
+            obj.insert(
+                k.clone(),
+                if v.is_finite() {
+                    serde_json::json!(v)
+                } else {
+                    serde_json::Value::Null
+                },
+            );
         }
-        writeln!(self.metrics_file, "{}", serde_json::Value::Object(obj)).context("writing metrics.jsonl")?;
+        writeln!(self.metrics_file, "{}", serde_json::Value::Object(obj))
+            .context("writing metrics.jsonl")?;
         self.metrics_file.flush()?;
         Ok(())
     }
@@ -235,11 +252,15 @@ impl Trainer {
             extra,
             nonfinite_skips: self.nonfinite_skips,
         };
-        write_atomic(&tmp.join("trainer_state.json"), &serde_json::to_vec_pretty(&state)?)?;
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            &serde_json::to_vec_pretty(&state)?,
+        )?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).ok();
         }
-        std::fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {} into place", tmp.display()))?;
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
         sync_dir(out);
         self.last_checkpoint = Some(final_dir.clone());
         self.prune_checkpoints();
@@ -311,14 +332,17 @@ pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
 
 /// Read the resolved settings and extra of a checkpoint without loading weights.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
-    crate::error::read_json(&dir.join("trainer_state.json")).with_context(|| format!("{} is not a checkpoint of align", dir.display()))
+    crate::error::read_json(&dir.join("trainer_state.json"))
+        .with_context(|| format!("{} is not a checkpoint of align", dir.display()))
 }
 
 fn save_weights(policy: &Policy, vars: &[(String, Var)], dir: &Path) -> Result<()> {
     match policy.mode {
         TrainMode::Full => {
-            let map: std::collections::HashMap<String, Tensor> =
-                vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let map: std::collections::HashMap<String, Tensor> = vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
             crate::peft::write_safetensors(&map, &dir.join("weights.safetensors"))?;
         }
         _ => crate::peft::save_adapter(policy, &dir.join("adapter"))?,
@@ -329,17 +353,28 @@ fn save_weights(policy: &Policy, vars: &[(String, Var)], dir: &Path) -> Result<(
 fn load_weights(policy: &Policy, vars: &[(String, Var)], dir: &Path) -> Result<()> {
     let (file, prefix) = match policy.mode {
         TrainMode::Full => (dir.join("weights.safetensors"), ""),
-        _ => (dir.join("adapter").join(crate::peft::WEIGHTS_FILE), "base_model.model."),
+        _ => (
+            dir.join("adapter").join(crate::peft::WEIGHTS_FILE),
+            "base_model.model.",
+        ),
     };
     let saved = candle_core::safetensors::load(&file, policy.device())
         .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
     for (name, var) in vars {
         let key = format!("{prefix}{name}");
-        let t = saved
-            .get(&key)
-            .ok_or_else(|| Error::Msg(format!("{}: tensor `{key}` missing (checkpoint from another run setup?)", file.display())))?;
+        let t = saved.get(&key).ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: tensor `{key}` missing (checkpoint from another run setup?)",
+                file.display()
+            ))
+        })?;
         if t.dims() != var.dims() {
-            bail!("{}: tensor `{key}` has shape {:?}, the policy expects {:?}", file.display(), t.dims(), var.dims());
+            bail!(
+                "{}: tensor `{key}` has shape {:?}, the policy expects {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            );
         }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
@@ -354,7 +389,9 @@ fn sync_dir(dir: &Path) {
 
 /// Drop metrics lines past `step` (written by a run that was killed after its last checkpoint).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -387,8 +424,10 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             b
         });
@@ -408,7 +447,11 @@ impl Progress {
         }
     }
     fn update(&self, step: u64, headline: &[(&str, f64)]) {
-        let msg = headline.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join("  ");
+        let msg = headline
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect::<Vec<_>>()
+            .join("  ");
         match &self.bar {
             Some(b) => {
                 b.set_position(step);
@@ -419,8 +462,15 @@ impl Progress {
                 if step % every == 0 || step == self.total {
                     let done = (step - self.start_step) as f64;
                     let el = self.start.elapsed().as_secs_f64();
-                    let eta = if done > 0.0 { el / done * (self.total.saturating_sub(step)) as f64 } else { 0.0 };
-                    eprintln!("step {step}/{}  {msg}  elapsed {el:.0}s  eta {eta:.0}s", self.total);
+                    let eta = if done > 0.0 {
+                        el / done * (self.total.saturating_sub(step)) as f64
+                    } else {
+                        0.0
+                    };
+                    eprintln!(
+                        "step {step}/{}  {msg}  elapsed {el:.0}s  eta {eta:.0}s",
+                        self.total
+                    );
                 }
             }
         }
@@ -450,14 +500,24 @@ pub fn resolve_settings<T: serde::de::DeserializeOwned>(
         _ => bail!("defaults must be an object"),
     };
     if let Some(path) = config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
         let v = serde_json::to_value(table)?;
         for (k, val) in v.as_object().cloned().unwrap_or_default() {
             let key = k.replace('-', "_");
             if !merged.contains_key(&key) {
                 let known: Vec<&String> = merged.keys().collect();
-                bail!("{}: unknown setting `{k}` (known: {})", path.display(), known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+                bail!(
+                    "{}: unknown setting `{k}` (known: {})",
+                    path.display(),
+                    known
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             merged.insert(key, val);
         }

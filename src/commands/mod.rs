@@ -1,6 +1,7 @@
 //! One module per subcommand: its flags (`Args`) and its `run`.
 
 pub mod bench;
+pub mod common;
 pub mod dpo;
 pub mod generate;
 pub mod grpo;
@@ -14,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 /// Flags shared by every command that loads a model.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct DeviceArgs {
     /// Device: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -57,4 +58,14 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f64" | "float64" => DType::F64,
         other => bail!("unknown dtype `{other}` (f32, bf16, f16, f64)"),
     })
+}
+
+/// Draw the run's curves beside metrics.jsonl (metrics.png); a plotting failure is reported,
+/// never fatal: the run's outputs are already saved.
+pub fn finish_plot(metrics: &std::path::Path, series: &[&str]) -> Option<std::path::PathBuf> {
+    let out = metrics.with_file_name("metrics.png");
+    // wired to crate::plot once it lands
+    let _ = (metrics, series);
+    let _ = out;
+    None
 }

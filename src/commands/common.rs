@@ -1,0 +1,74 @@
+//! Pieces the training commands share: the embedded default, policy construction, data
+//! sources, and the final summary.
+
+use crate::lora::LoraConfig;
+use crate::policy::{Policy, TrainMode};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// The folder holding the embedded default (model + preference sample): `assets/default`
+/// of the source tree this binary was built from, or of the current directory.
+pub fn default_assets() -> Option<PathBuf> {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/default");
+    let cwd = PathBuf::from("assets/default");
+    [built, cwd]
+        .into_iter()
+        .find(|p| p.join("model/config.json").exists())
+}
+
+/// LoRA settings shared by the training commands.
+#[derive(Clone, Debug)]
+pub struct PolicySpec {
+    pub model: PathBuf,
+    pub full: bool,
+    pub rank: usize,
+    pub alpha: f64,
+    pub lora_dropout: f64,
+    pub rslora: bool,
+    pub target_modules: Vec<String>,
+    pub init_adapter: Option<PathBuf>,
+    pub seed: u64,
+}
+
+pub fn load_policy(spec: &PolicySpec, dtype: DType, device: &Device) -> Result<Policy> {
+    if spec.full && spec.init_adapter.is_some() {
+        bail!("--init-adapter continues a LoRA adapter; it cannot be combined with --full");
+    }
+    let mode = if spec.full {
+        TrainMode::Full
+    } else {
+        TrainMode::Lora(LoraConfig {
+            r: spec.rank,
+            alpha: spec.alpha,
+            dropout: spec.lora_dropout,
+            use_rslora: spec.rslora,
+            target_modules: spec.target_modules.clone(),
+            seed: spec.seed,
+        })
+    };
+    let mut policy = Policy::load(&spec.model, mode, dtype, device)
+        .with_context(|| format!("loading the model {}", spec.model.display()))?;
+    if let Some(a) = &spec.init_adapter {
+        crate::peft::load_adapter(&mut policy, a)
+            .with_context(|| format!("loading --init-adapter {}", a.display()))?;
+    }
+    Ok(policy)
+}
+
+/// Rows in a set of parquet files, from their footers (no data read).
+pub fn count_rows(files: &[PathBuf]) -> Result<u64> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut n = 0u64;
+    for f in files {
+        let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        let r = SerializedFileReader::new(file)
+            .with_context(|| format!("{}: not a readable parquet file", f.display()))?;
+        n += r.metadata().file_metadata().num_rows().max(0) as u64;
+    }
+    Ok(n)
+}
+
+pub fn source(paths: &[PathBuf]) -> Result<align_datasets::Source> {
+    align_datasets::Source::from_paths(paths).with_context(|| format!("data {:?}", paths))
+}
