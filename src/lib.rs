@@ -15,4 +15,6 @@ pub mod generate;
 pub mod init;
 pub mod peft;
 pub mod policy;
+pub mod rewards;
 pub mod trainer;
+pub mod plot;
