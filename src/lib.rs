@@ -17,4 +17,3 @@ pub mod peft;
 pub mod policy;
 pub mod rewards;
 pub mod trainer;
-pub mod plot;
