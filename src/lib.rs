@@ -14,6 +14,7 @@ pub mod commands;
 pub mod generate;
 pub mod init;
 pub mod peft;
+pub mod plot;
 pub mod policy;
 pub mod rewards;
 pub mod trainer;

@@ -290,6 +290,10 @@ impl Trainer {
         self.nonfinite_skips = state.nonfinite_skips;
         self.last_checkpoint = Some(dir.to_path_buf());
         truncate_metrics(&self.metrics_path(), self.step)?;
+        // the truncation replaced the file: append to the new one
+        self.metrics_file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.metrics_path())?;
         self.progress.resume_at(self.step);
         Ok(state.extra)
     }

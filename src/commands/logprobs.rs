@@ -1,8 +1,128 @@
-//! (being written)
+//! `align logprobs`: per-pair completion log-probabilities under a model (and adapter), as
+//! JSON lines. Tokenization follows TRL: the prompt with the tokenizer's special tokens, each
+//! completion without them plus EOS; sums run over completion tokens only.
+
+use super::common::source;
+use super::DeviceArgs;
+use crate::lora::Fwd;
+use crate::policy::{Policy, TokenBatch, TrainMode};
+use align_datasets::{
+    PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
+};
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter folder to apply (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Preference data: parquet files/folders/globs (prompt/chosen/rejected, HH-RLHF transcripts, or chat messages).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Output JSON-lines file, one object per pair.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Pairs per forward batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Truncate prompts to their last N tokens (default: no truncation).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// Truncate completions so prompt+completion fits N tokens (default: no truncation).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("this command is not implemented yet")
+pub fn run(args: Args) -> Result<()> {
+    let device = args.dev.device()?;
+    let dtype = args.dev.dtype()?;
+    let mut policy = Policy::load(&args.model, TrainMode::Frozen, dtype, &device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(a) = &args.adapter {
+        crate::peft::load_adapter(&mut policy, a)?;
+    }
+    let tok = TokenizerBundle::from_dir(&args.model)
+        .with_context(|| format!("tokenizer of {}", args.model.display()))?;
+    let src = source(&args.data)?;
+    let mut stream =
+        PreferenceStream::open(&src, StreamOptions::default(), tok.chat_template.as_ref())?;
+    let trunc = TruncationOptions {
+        max_prompt_length: args.max_prompt_length,
+        max_length: args.max_length,
+    };
+    let mut stats = TruncationStats::default();
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = args.out.with_extension("jsonl.tmp");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+    );
+    let mut n = 0usize;
+    loop {
+        let mut pairs = Vec::new();
+        let mut rows = Vec::new();
+        while pairs.len() < args.batch_size.max(1) {
+            let Some(p) = stream.next() else { break };
+            let p = p?;
+            match tok.tokenize_pair(&p, &trunc, &mut stats) {
+                Ok(t) => {
+                    rows.push(p.source_row.clone());
+                    pairs.push(t);
+                }
+                Err(align_datasets::DatasetError::NoRoomForCompletion { .. }) => {}
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("tokenizing {}", p.source_row))
+                    )
+                }
+            }
+        }
+        if pairs.is_empty() {
+            break;
+        }
+        let b = pairs.len();
+        let mut seqs: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|p| (p.prompt_ids.as_slice(), p.chosen_ids.as_slice()))
+            .collect();
+        seqs.extend(
+            pairs
+                .iter()
+                .map(|p| (p.prompt_ids.as_slice(), p.rejected_ids.as_slice())),
+        );
+        let batch = TokenBatch::from_pairs(&seqs, tok.pad_id(), dtype, &device)?;
+        let lp: Vec<f64> = policy
+            .sequence_logps(&batch, Fwd::POLICY)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
+        for (i, p) in pairs.iter().enumerate() {
+            let line = serde_json::json!({
+                "row": rows[i].row,
+                "file": rows[i].file.display().to_string(),
+                "chosen_logp": lp[i],
+                "rejected_logp": lp[b + i],
+                "prompt_tokens": p.prompt_ids.len(),
+                "chosen_tokens": p.chosen_ids.len(),
+                "rejected_tokens": p.rejected_ids.len(),
+            });
+            writeln!(out, "{line}")?;
+        }
+        n += b;
+    }
+    out.flush()?;
+    drop(out);
+    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("{n} pairs -> {}", args.out.display());
+    if stream.skips().total() > 0 {
+        eprintln!("skipped rows: {}", stream.skips());
+    }
+    Ok(())
 }
