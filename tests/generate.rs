@@ -323,3 +323,26 @@ fn bad_inputs_are_errors_not_panics() {
     )
     .is_err());
 }
+
+/// Throughput of the sampler on a model folder, for docs/grpo.md (not run by default):
+/// `ALIGN_BENCH_MODEL=DIR cargo test --release --test generate -- --ignored bench --nocapture`
+/// (`ALIGN_BENCH_DEVICE=cuda` for a GPU build). Compare with
+/// `tests/fixtures/generation/bench_hf_generate.py DIR` (same protocol).
+#[test]
+#[ignore]
+fn bench_generation_throughput() {
+    let dir = std::env::var("ALIGN_BENCH_MODEL").expect("set ALIGN_BENCH_MODEL=model dir");
+    let dev = align::commands::parse_device(
+        &std::env::var("ALIGN_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )
+    .unwrap();
+    let dtype = align::commands::parse_dtype(
+        &std::env::var("ALIGN_BENCH_DTYPE").unwrap_or_else(|_| "f32".into()),
+    )
+    .unwrap();
+    let rows =
+        align::generate::bench(std::path::Path::new(&dir), &dev, dtype, &[1, 32], 32, 64).unwrap();
+    for r in rows {
+        println!("{}", serde_json::to_string(&r).unwrap());
+    }
+}
