@@ -193,10 +193,31 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| b.tensor());
+        // Fused path: frozen base + adapter, no dropout, on the CPU.
+        if let (true, Some(l), Param::Frozen(w)) = (fwd.adapters, &self.lora, &self.weight) {
+            if x.device().is_cpu() && (l.rng.is_none() || !fwd.train) {
+                let in_dim = x.dim(candle_core::D::Minus1)?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();
+                let x2 = x.reshape(((), in_dim))?.contiguous()?;
+                let y = crate::ops::lora_linear(&x2, w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+                    .reshape(dims)?;
+                return match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+        }
         let mut y = match &self.weight {
             Param::Frozen(w) => frozen_linear(x, w, bias)?,
             Param::Trainable(w) => {
-                let y = x.broadcast_matmul(&w.as_tensor().t()?)?;
+                let in_dim = x.dim(candle_core::D::Minus1)?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();
+                let y = x
+                    .reshape(((), in_dim))?
+                    .matmul(&w.as_tensor().t()?)?
+                    .reshape(dims)?;
                 match bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -208,9 +229,13 @@ impl Linear {
                 (Some(rng), true) => dropout(x, l.dropout, rng)?,
                 _ => x.clone(),
             };
-            let h = xin.broadcast_matmul(&l.a.as_tensor().t()?)?;
-            let d = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
-            y = (y + (d * l.scale)?)?;
+            // 2-D products: a broadcast matmul would materialise A and B per batch element
+            let in_dim = xin.dim(candle_core::D::Minus1)?;
+            let x2 = xin.reshape(((), in_dim))?;
+            let h = x2.matmul(&l.a.as_tensor().t()?)?;
+            let d = h.matmul(&(l.b.as_tensor().t()? * l.scale)?)?;
+            let d = d.reshape(y.shape())?;
+            y = (y + d)?;
         }
         Ok(y)
     }

@@ -6,14 +6,14 @@
 //! only the input gradient so that a frozen weight costs no weight-gradient matmul.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 /// `y = x W^T (+ b)` for a frozen `W` of shape `[out, in]`.
 ///
 /// candle's matmul backward computes the gradient of both operands, so a plain matmul with a
 /// frozen weight costs a full `[out, in]` weight-gradient product per layer — as much as full
-/// fine-tuning. Here the product is computed without recording a graph, and a custom op that
-/// passes the values through carries only `dL/dx = dL/dy · W` backwards.
+/// fine-tuning. Here the product runs inside a custom op (the backend's own matmul, no copy)
+/// whose backward returns only `dL/dx = dL/dy · W`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let dims = x.dims().to_vec();
@@ -27,8 +27,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let n: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((n, in_dim))?;
     let y2 = if x2.track_op() {
-        let y = x2.detach().matmul(&w.t()?)?;
-        x2.apply_op2(&y, FrozenLinearBwd { w: w.clone() })?
+        x2.apply_op1(FrozenLinear { w: w.clone() })?
     } else {
         x2.matmul(&w.t()?)?
     };
@@ -41,50 +40,46 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     }
 }
 
-/// The custom op's forward hands back the precomputed product unchanged.
-fn pass_through_cpu(s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-    if !l2.is_contiguous() || l2.start_offset() != 0 {
-        candle_core::bail!("frozen_linear: precomputed product must be contiguous")
-    }
-    Ok((s2.try_clone(l2)?, l2.shape().clone()))
-}
-
-struct FrozenLinearBwd {
+/// `x [n, in] -> x W^T [n, out]` with an input-only backward.
+struct FrozenLinear {
     w: Tensor,
 }
 
-impl CustomOp2 for FrozenLinearBwd {
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through_cpu(s2, l2)
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = l.shape().dims2()?;
+        let wt = self.w.t()?;
+        let (ws, wl) = wt.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen_linear: weight is not on the CPU")
+        };
+        let out = wl.dims()[1];
+        Ok((s.matmul(ws, (1, n, out, k), l, wl)?, Shape::from((n, out))))
     }
+
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+        let (n, k) = l.shape().dims2()?;
+        let wt = self.w.t()?;
+        let (ws, wl) = wt.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("frozen_linear: weight is not on the CUDA device")
+        };
+        let out = wl.dims()[1];
+        Ok((s.matmul(ws, (1, n, out, k), l, wl)?, Shape::from((n, out))))
     }
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // dL/dx = dL/dy · W; no gradient for the precomputed product nor for W.
-        Ok((Some(grad_res.matmul(&self.w)?), None))
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // dL/dx = dL/dy · W; W is frozen and gets nothing.
+        Ok(Some(grad_res.matmul(&self.w)?.detach()))
     }
 }
 
@@ -173,6 +168,32 @@ mod tests {
     }
 
     #[test]
+    fn fused_lora_linear_matches_the_composite_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (6, 5), &dev)?)?;
+        let w = Tensor::randn(0f64, 1., (4, 5), &dev)?;
+        let a = Var::from_tensor(&Tensor::randn(0f64, 1., (3, 5), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3), &dev)?)?;
+        let s = 0.7;
+        let fused = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s)?;
+        let comp = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
+        let diff = (&fused - &comp)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        let wts = Tensor::randn(0f64, 1., (6, 4), &dev)?;
+        let g1 = (fused * &wts)?.sum_all()?.backward()?;
+        let g2 = (comp * &wts)?.sum_all()?.backward()?;
+        for v in [&x, &a, &b] {
+            let d = (g1.get(v).expect("fused grad") - g2.get(v).expect("grad"))?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(d < 1e-10, "{d}");
+        }
+        assert!(g1.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
     fn softmax_and_log_softmax_have_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f64, 1., (3, 7), &dev)?)?;
@@ -188,5 +209,108 @@ mod tests {
         let diff = (gx - expect)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-10, "{diff}");
         Ok(())
+    }
+}
+
+/// `y = x W^T + s · (x A^T) B^T` for a frozen `W [out, in]` and trainable `A [r, in]`,
+/// `B [out, r]`, as one op: the LoRA branch is added into the base product's buffer, so no
+/// output-sized intermediate is kept for backward (a composite of candle ops keeps three).
+/// Backward: `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`; nothing for W.
+/// CPU only; callers use the composite path elsewhere.
+pub fn lora_linear(x2: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    x2.apply_op3(
+        a,
+        b,
+        LoraLinear {
+            w: w.clone(),
+            scale,
+        },
+    )
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+}
+
+fn add_scaled(y: CpuStorage, d: &CpuStorage, s: f64) -> Result<CpuStorage> {
+    use half::{bf16, f16};
+    Ok(match (y, d) {
+        (CpuStorage::F32(mut y), CpuStorage::F32(d)) => {
+            let s = s as f32;
+            y.iter_mut().zip(d).for_each(|(y, d)| *y += s * d);
+            CpuStorage::F32(y)
+        }
+        (CpuStorage::F64(mut y), CpuStorage::F64(d)) => {
+            y.iter_mut().zip(d).for_each(|(y, d)| *y += s * d);
+            CpuStorage::F64(y)
+        }
+        (CpuStorage::BF16(mut y), CpuStorage::BF16(d)) => {
+            let s = s as f32;
+            y.iter_mut()
+                .zip(d)
+                .for_each(|(y, d)| *y = bf16::from_f32(y.to_f32() + s * d.to_f32()));
+            CpuStorage::BF16(y)
+        }
+        (CpuStorage::F16(mut y), CpuStorage::F16(d)) => {
+            let s = s as f32;
+            y.iter_mut()
+                .zip(d)
+                .for_each(|(y, d)| *y = f16::from_f32(y.to_f32() + s * d.to_f32()));
+            CpuStorage::F16(y)
+        }
+        _ => candle_core::bail!("lora_linear: mixed dtypes"),
+    })
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (out, _) = bl.shape().dims2()?;
+        let wt = self.w.t()?;
+        let (ws, wl) = wt.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("lora_linear: weight is not on the CPU")
+        };
+        let y = xs.matmul(ws, (1, n, out, k), xl, wl)?;
+        // h = x A^T  [n, r]; d = h B^T  [n, out]
+        let at = al.transpose(0, 1)?;
+        let h = xs.matmul(as_, (1, n, r, k), xl, &at)?;
+        let hl = Layout::contiguous((n, r));
+        let bt = bl.transpose(0, 1)?;
+        let d = h.matmul(bs, (1, n, out, r), &hl, &bt)?;
+        Ok((add_scaled(y, &d, self.scale)?, Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.scale;
+        let gb = (g.matmul(b)? * s)?; // [n, r]
+        let dx = (g.matmul(&self.w)? + gb.matmul(a)?)?;
+        let da = gb.t()?.matmul(x)?;
+        let h = x.matmul(&a.t()?)?;
+        let db = (g.t()?.matmul(&h)? * s)?;
+        // Detached: gradients of leaves stay in the GradStore, and a graph hanging off them would
+        // keep every layer's upstream gradient alive until the store is dropped.
+        Ok((Some(dx.detach()), Some(da.detach()), Some(db.detach())))
     }
 }

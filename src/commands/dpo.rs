@@ -427,6 +427,12 @@ pub fn run(args: Args) -> Result<()> {
         seed: s.seed,
     };
     let policy = load_policy(&spec, dtype, &device)?;
+    if let crate::policy::TrainMode::Lora(lc) = &policy.mode {
+        // --init-adapter: the loaded adapter's shape wins over the flags
+        s.rank = lc.r;
+        s.alpha = lc.alpha;
+        s.rslora = lc.use_rslora;
+    }
     let tok = TokenizerBundle::from_dir(&model)
         .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
     let pad = tok.pad_id();
