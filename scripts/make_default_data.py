@@ -7,7 +7,8 @@ Splits HH-RLHF harmless (2,000 rows) with a fixed permutation into
 Usage: python make_default_data.py HH.parquet OUT_DIR MODE N_TRAIN N_EVAL
 MODE `hh`: the real HH chosen/rejected transcripts.
 MODE `shuffled`: prompt/chosen/rejected with chosen = the real chosen reply and rejected = the
-same reply with its words shuffled (seeded): an easy, clearly synthetic preference (fluent vs
+same reply with its words shuffled (seeded); prompts are the last human turn
+(<= 300 chars), replies their first 40 words: an easy, clearly synthetic preference (fluent vs
 scrambled) that a tiny model can learn and generalise in a couple of minutes of DPO.
 Deterministic: reruns give identical files.
 """
@@ -49,6 +50,14 @@ def pairs(rows, limit, rng):
         prompt, reply = c[:k], c[k:]
         words = reply.split()
         if mode == "shuffled":
+            # Short sequences so DPO is quick on a CPU: the last human turn only, and the
+            # reply's first 40 words.
+            h = prompt.rfind("\n\nHuman:")
+            prompt = prompt[h:] if h >= 0 else prompt
+            if len(prompt) > 300:
+                continue
+            words = words[:40]
+            reply = " " + " ".join(words)
             if len(words) < 4:
                 continue
             shuffled = words[:]
