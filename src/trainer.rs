@@ -55,7 +55,7 @@ pub struct TrainerState {
 /// One optimizer step's outcome.
 pub enum StepOutcome {
     Stepped(Metrics),
-    /// A non-finite loss or gradient was skipped (`--skip-nonfinite`).
+    /// A non-finite loss or gradient was skipped (`--skip-nonfinite`); the step counter advanced.
     Skipped,
 }
 
@@ -181,6 +181,8 @@ impl Trainer {
 
     fn nonfinite(&mut self, what: String) -> Result<StepOutcome> {
         if self.settings.skip_nonfinite {
+            // The step is spent (its data consumed, no update), so a run of bad batches still ends.
+            self.step += 1;
             self.nonfinite_skips += 1;
             self.progress.note(&format!(
                 "step {}: {what}; batch skipped (--skip-nonfinite)",

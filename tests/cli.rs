@@ -270,3 +270,36 @@ fn killed_run_resumes_to_the_same_adapter() {
         "metrics must hold each step once"
     );
 }
+
+#[test]
+fn nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nan");
+    // an absurd learning rate blows the adapter up after the first update
+    let o = align()
+        .args(dpo_args(&out, 6))
+        .args(["--lr", "1e30", "--save-every", "1", "--max-grad-norm", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the run should stop:\n{err}");
+    assert!(err.contains("NaN") || err.contains("inf"), "{err}");
+    assert!(
+        err.contains("checkpoint-1"),
+        "the message should name the last good checkpoint:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out
+        .join("checkpoint-1/adapter/adapter_model.safetensors")
+        .exists());
+    // with --skip-nonfinite the run goes on and counts the skipped batches
+    let out2 = dir.path().join("skip");
+    let o = align()
+        .args(dpo_args(&out2, 4))
+        .args(["--lr", "1e30", "--max-grad-norm", "0", "--skip-nonfinite"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("non-finite batches skipped"), "{err}");
+}

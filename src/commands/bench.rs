@@ -28,6 +28,8 @@ pub struct Args {
 pub enum What {
     /// One training step, LoRA vs full fine-tuning: step time and peak memory (table).
     Train(TrainArgs),
+    /// Generation throughput (tokens/s) at several batch sizes, KV cache on.
+    Generate(GenArgs),
     /// (internal) one mode in this process; prints a JSON line.
     #[command(hide = true)]
     TrainOne(TrainArgs),
@@ -63,9 +65,96 @@ pub struct TrainArgs {
     pub dev: DeviceArgs,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenArgs {
+    /// Model folder; default: a random `--size` llama made in a temp folder.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Size of the random model: tiny, mini, small (~30M params), base.
+    #[arg(long, default_value = "small")]
+    pub size: String,
+    /// Vocabulary of the random model.
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    /// Batch sizes to time.
+    #[arg(long, num_args = 1.., default_values_t = [1usize, 32])]
+    pub batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// New tokens per sequence (EOS ignored).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+fn random_model(size_name: &str, vocab: usize, max_pos: usize) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("align-bench-{size_name}-{}", std::process::id()));
+    let s = size(size_name).with_context(|| format!("unknown --size {size_name}"))?;
+    init_model(&InitOptions {
+        family: Family::Llama,
+        size: s,
+        vocab_size: vocab,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        pad_token_id: Some(0),
+        seed: 0,
+        tie_word_embeddings: false,
+        max_position_embeddings: max_pos,
+        dtype: DType::F32,
+        out: &dir,
+    })?;
+    Ok(dir)
+}
+
+fn generate_table(a: GenArgs) -> Result<()> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => random_model(&a.size, a.vocab, 2048)?,
+    };
+    let (_, total) = Policy::load(
+        &model,
+        TrainMode::Frozen,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )?
+    .param_counts();
+    let rows = crate::generate::bench(
+        &model,
+        &a.dev.device()?,
+        a.dev.dtype()?,
+        &a.batch,
+        a.prompt_len,
+        a.new_tokens,
+    )?;
+    if a.model.is_none() {
+        std::fs::remove_dir_all(&model).ok();
+    }
+    println!(
+        "generation: prompt {} tokens, {} new tokens, {} ({}){}",
+        a.prompt_len,
+        a.new_tokens,
+        a.dev.device,
+        a.dev.dtype,
+        if total > 0 {
+            format!(", {:.1}M params", total as f64 / 1e6)
+        } else {
+            String::new()
+        }
+    );
+    println!("| batch | seconds | generated tokens/s |");
+    println!("|---:|---:|---:|");
+    for r in rows {
+        println!("| {} | {:.2} | {:.1} |", r.batch, r.seconds, r.tokens_per_s);
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Train(a) => train_table(a),
+        What::Generate(a) => generate_table(a),
         What::TrainOne(a) => train_one(a),
     }
 }

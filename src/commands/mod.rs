@@ -64,8 +64,11 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 /// never fatal: the run's outputs are already saved.
 pub fn finish_plot(metrics: &std::path::Path, series: &[&str]) -> Option<std::path::PathBuf> {
     let out = metrics.with_file_name("metrics.png");
-    // wired to crate::plot once it lands
-    let _ = (metrics, series);
-    let _ = out;
-    None
+    match crate::plot::plot_metrics(metrics, &out, series) {
+        Ok(()) => Some(out),
+        Err(e) => {
+            eprintln!("warning: could not draw {}: {e}", out.display());
+            None
+        }
+    }
 }
