@@ -187,7 +187,7 @@ impl ModelConfig {
             ));
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !c.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
                 c.num_attention_heads
@@ -286,7 +286,9 @@ impl ModelConfig {
     /// Whether decoder layer `i` uses a mixture of experts (transformers' rule for qwen3_moe).
     pub fn layer_is_moe(&self, i: usize) -> bool {
         match &self.moe {
-            Some(m) => !m.mlp_only_layers.contains(&i) && (i + 1) % m.decoder_sparse_step == 0,
+            Some(m) => {
+                !m.mlp_only_layers.contains(&i) && (i + 1).is_multiple_of(m.decoder_sparse_step)
+            }
             None => false,
         }
     }

@@ -22,11 +22,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Direct Preference Optimisation of a LoRA adapter (or all weights with --full).
-    Dpo(commands::dpo::Args),
+    Dpo(Box<commands::dpo::Args>),
     /// Supervised fine-tuning on completions or plain text.
-    Sft(commands::sft::Args),
+    Sft(Box<commands::sft::Args>),
     /// Group Relative Policy Optimisation with verifiable or model rewards.
-    Grpo(commands::grpo::Args),
+    Grpo(Box<commands::grpo::Args>),
     /// Sample completions for a prompt set.
     Generate(commands::generate::Args),
     /// Per-pair log-probabilities of chosen and rejected completions, as JSON lines.
@@ -44,9 +44,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Dpo(a) => commands::dpo::run(a),
-        Command::Sft(a) => commands::sft::run(a),
-        Command::Grpo(a) => commands::grpo::run(a),
+        Command::Dpo(a) => commands::dpo::run(*a),
+        Command::Sft(a) => commands::sft::run(*a),
+        Command::Grpo(a) => commands::grpo::run(*a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Merge(a) => commands::merge::run(a),

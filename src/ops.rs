@@ -137,81 +137,6 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    #[test]
-    fn frozen_linear_matches_matmul_and_gives_only_input_grad() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, 5), &dev)?)?;
-        let w = Tensor::randn(0f64, 1., (4, 5), &dev)?;
-        let b = Tensor::randn(0f64, 1., 4, &dev)?;
-        let y = frozen_linear(x.as_tensor(), &w, Some(&b))?;
-        let y_ref = x.as_tensor().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
-        let diff = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "{diff}");
-        let loss = y.sqr()?.sum_all()?;
-        let grads = loss.backward()?;
-        let gx = grads.get(&x).expect("x gradient");
-        let loss_ref = y_ref.sqr()?.sum_all()?;
-        let grads_ref = loss_ref.backward()?;
-        let gx_ref = grads_ref.get(&x).unwrap();
-        let diff = (gx - gx_ref)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-10, "{diff}");
-        assert!(
-            grads.get(&w).is_none(),
-            "a frozen weight must get no gradient"
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn fused_lora_linear_matches_the_composite_in_value_and_gradient() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (6, 5), &dev)?)?;
-        let w = Tensor::randn(0f64, 1., (4, 5), &dev)?;
-        let a = Var::from_tensor(&Tensor::randn(0f64, 1., (3, 5), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3), &dev)?)?;
-        let s = 0.7;
-        let fused = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s)?;
-        let comp = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
-        let diff = (&fused - &comp)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "{diff}");
-        let wts = Tensor::randn(0f64, 1., (6, 4), &dev)?;
-        let g1 = (fused * &wts)?.sum_all()?.backward()?;
-        let g2 = (comp * &wts)?.sum_all()?.backward()?;
-        for v in [&x, &a, &b] {
-            let d = (g1.get(v).expect("fused grad") - g2.get(v).expect("grad"))?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f64>()?;
-            assert!(d < 1e-10, "{d}");
-        }
-        assert!(g1.get(&w).is_none());
-        Ok(())
-    }
-
-    #[test]
-    fn softmax_and_log_softmax_have_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (3, 7), &dev)?)?;
-        let p = softmax_last_dim(x.as_tensor())?;
-        let lp = log_softmax_last_dim(x.as_tensor())?;
-        let diff = (p.log()? - &lp)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12);
-        let wts = Tensor::randn(0f64, 1., (3, 7), &dev)?;
-        let g = (lp * &wts)?.sum_all()?.backward()?;
-        let gx = g.get(&x).expect("log-softmax must pass a gradient");
-        // d/dx sum(w * logsoftmax(x)) = w - softmax(x) * sum(w)
-        let expect = (&wts - p.broadcast_mul(&wts.sum_keepdim(1)?)?)?;
-        let diff = (gx - expect)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-10, "{diff}");
-        Ok(())
-    }
-}
-
 /// `y = x W^T + s · (x A^T) B^T` for a frozen `W [out, in]` and trainable `A [r, in]`,
 /// `B [out, r]`, as one op: the LoRA branch is added into the base product's buffer, so no
 /// output-sized intermediate is kept for backward (a composite of candle ops keeps three).
@@ -312,5 +237,80 @@ impl candle_core::CustomOp3 for LoraLinear {
         // Detached: gradients of leaves stay in the GradStore, and a graph hanging off them would
         // keep every layer's upstream gradient alive until the store is dropped.
         Ok((Some(dx.detach()), Some(da.detach()), Some(db.detach())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_gives_only_input_grad() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, 5), &dev)?)?;
+        let w = Tensor::randn(0f64, 1., (4, 5), &dev)?;
+        let b = Tensor::randn(0f64, 1., 4, &dev)?;
+        let y = frozen_linear(x.as_tensor(), &w, Some(&b))?;
+        let y_ref = x.as_tensor().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+        let diff = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        let loss = y.sqr()?.sum_all()?;
+        let grads = loss.backward()?;
+        let gx = grads.get(&x).expect("x gradient");
+        let loss_ref = y_ref.sqr()?.sum_all()?;
+        let grads_ref = loss_ref.backward()?;
+        let gx_ref = grads_ref.get(&x).unwrap();
+        let diff = (gx - gx_ref)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-10, "{diff}");
+        assert!(
+            grads.get(&w).is_none(),
+            "a frozen weight must get no gradient"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn fused_lora_linear_matches_the_composite_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (6, 5), &dev)?)?;
+        let w = Tensor::randn(0f64, 1., (4, 5), &dev)?;
+        let a = Var::from_tensor(&Tensor::randn(0f64, 1., (3, 5), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3), &dev)?)?;
+        let s = 0.7;
+        let fused = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s)?;
+        let comp = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
+        let diff = (&fused - &comp)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        let wts = Tensor::randn(0f64, 1., (6, 4), &dev)?;
+        let g1 = (fused * &wts)?.sum_all()?.backward()?;
+        let g2 = (comp * &wts)?.sum_all()?.backward()?;
+        for v in [&x, &a, &b] {
+            let d = (g1.get(v).expect("fused grad") - g2.get(v).expect("grad"))?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(d < 1e-10, "{d}");
+        }
+        assert!(g1.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_have_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (3, 7), &dev)?)?;
+        let p = softmax_last_dim(x.as_tensor())?;
+        let lp = log_softmax_last_dim(x.as_tensor())?;
+        let diff = (p.log()? - &lp)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12);
+        let wts = Tensor::randn(0f64, 1., (3, 7), &dev)?;
+        let g = (lp * &wts)?.sum_all()?.backward()?;
+        let gx = g.get(&x).expect("log-softmax must pass a gradient");
+        // d/dx sum(w * logsoftmax(x)) = w - softmax(x) * sum(w)
+        let expect = (&wts - p.broadcast_mul(&wts.sum_keepdim(1)?)?)?;
+        let diff = (gx - expect)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-10, "{diff}");
+        Ok(())
     }
 }

@@ -230,11 +230,11 @@ impl Trainer {
     }
 
     pub fn should_save(&self) -> bool {
-        self.settings.save_every > 0 && self.step % self.settings.save_every == 0
+        self.settings.save_every > 0 && self.step.is_multiple_of(self.settings.save_every)
     }
 
     pub fn should_eval(&self) -> bool {
-        self.settings.eval_every > 0 && self.step % self.settings.eval_every == 0
+        self.settings.eval_every > 0 && self.step.is_multiple_of(self.settings.eval_every)
     }
 
     /// Write `OUT/checkpoint-<step>/` atomically; keep at most `save_total_limit` of them.
@@ -465,7 +465,7 @@ impl Progress {
             }
             None => {
                 let every = (self.total / 20).max(1);
-                if step % every == 0 || step == self.total {
+                if step.is_multiple_of(every) || step == self.total {
                     let done = (step - self.start_step) as f64;
                     let el = self.start.elapsed().as_secs_f64();
                     let eta = if done > 0.0 {

@@ -101,7 +101,7 @@ fn lora_gradients_match_finite_differences_in_f64() {
             for _ in 0..2 {
                 let i = rng.random_range(0..base.len());
                 let h = 1e-5;
-                let mut eval = |delta: f64| {
+                let eval = |delta: f64| {
                     let mut v = base.clone();
                     v[i] += delta;
                     var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
@@ -146,7 +146,7 @@ fn full_fine_tuning_gradients_reach_every_weight() {
                 .unwrap();
             let _ = rng.random::<u8>();
             let h = 1e-6;
-            let mut eval = |delta: f64| {
+            let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())

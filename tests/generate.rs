@@ -132,7 +132,7 @@ fn greedy_logps_match_a_full_forward() {
     let c = generate(
         &p.model,
         Some(&tok),
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         0,
         &cfg,
         Fwd::POLICY,
@@ -167,7 +167,7 @@ fn eos_and_stop_strings_end_completions() {
     let full = generate(
         &p.model,
         Some(&tok),
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         0,
         &greedy(24, vec![]),
         Fwd::REFERENCE,
@@ -183,7 +183,7 @@ fn eos_and_stop_strings_end_completions() {
     let c = generate(
         &p.model,
         Some(&tok),
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         0,
         &greedy(24, vec![eos]),
         Fwd::REFERENCE,

@@ -597,7 +597,7 @@ pub fn train(s: GrpoSettings, resume_dir: Option<PathBuf>) -> Result<()> {
     if s.prompts_per_step == 0 || s.num_iterations == 0 || s.steps == 0 {
         bail!("--prompts-per-step, --num-iterations and --steps must be at least 1");
     }
-    if s.save_every % s.num_iterations as u64 != 0 {
+    if !s.save_every.is_multiple_of(s.num_iterations as u64) {
         bail!(
             "--save-every ({}) must be a multiple of --num-iterations ({}): checkpoints fall between generation batches",
             s.save_every,
