@@ -37,7 +37,7 @@ pub enum What {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Model folder; default: a random `--size` llama made in a temp folder.
+    /// Model folder [default: a random `--size` llama made in a temp folder].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Size of the random model: tiny, mini, small (~30M params), base.
@@ -58,7 +58,7 @@ pub struct TrainArgs {
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// For train-one: `lora` or `full`.
+    /// `lora` or `full`: used only by the internal per-mode run (`bench train` times both).
     #[arg(long, default_value = "lora")]
     pub mode: String,
     #[command(flatten)]
@@ -67,7 +67,7 @@ pub struct TrainArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenArgs {
-    /// Model folder; default: a random `--size` llama made in a temp folder.
+    /// Model folder [default: a random `--size` llama made in a temp folder].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Size of the random model: tiny, mini, small (~30M params), base.

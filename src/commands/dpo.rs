@@ -31,13 +31,13 @@ With no --model and --data, the embedded default (assets/default: a small chat m
 Outputs in --out: adapter/ (PEFT) or model/ (--full), checkpoint-<step>/, metrics.jsonl, metrics.png."
 )]
 pub struct Args {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json). Default: the embedded demo model.
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json) [default: the embedded demo model].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training data: parquet files, folders or globs (prompt/chosen/rejected, HH-RLHF transcripts, or chat messages).
+    /// Training data: parquet files, folders or globs (prompt/chosen/rejected, HH-RLHF transcripts, or chat messages) [default: the embedded preference sample, assets/default/prefs-train.parquet].
     #[arg(long, num_args = 1..)]
     pub data: Option<Vec<PathBuf>>,
-    /// Held-out preference data for evaluation (`eval_*` metrics).
+    /// Held-out preference data for evaluation (`eval_*` metrics) [default: none; with the embedded data, assets/default/prefs-eval.parquet].
     #[arg(long, num_args = 1..)]
     pub eval_data: Option<Vec<PathBuf>>,
     /// Output folder [default: runs/dpo].
@@ -117,7 +117,7 @@ pub struct Args {
     /// Micro-batches accumulated per optimizer step [default: 1].
     #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// Optimizer steps (overrides --epochs).
+    /// Optimizer steps (overrides --epochs) [default: --epochs passes over the data].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Passes over the training data, used when --steps is not given [default: 1].

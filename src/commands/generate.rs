@@ -46,7 +46,7 @@ pub struct Args {
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    /// Stop a completion when it contains this string (repeatable).
+    /// Stop a completion when it contains this string (repeatable) [default: none].
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// Random seed.

@@ -88,7 +88,7 @@ model (--reward-model DIR), command (--reward-command CMD: JSON lines in {prompt
 comma-separated specs are summed."
 )]
 pub struct Args {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json); required, here or in --config.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Prompt parquet files, folders or globs (`prompt` string or messages, or `question`; other columns are references for rewards).

@@ -25,8 +25,8 @@ pub struct Args {
     /// Seed of the weight initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Vocabulary size of the embeddings (default: the tokenizer's, special tokens included;
-    /// may be larger, e.g. rounded up to a multiple of 64, never smaller).
+    /// Vocabulary size of the embeddings; may be larger than the tokenizer's, e.g. rounded up
+    /// to a multiple of 64, never smaller [default: the tokenizer's, special tokens included].
     #[arg(long)]
     pub vocab_size: Option<usize>,
     /// Share the input embedding with the output projection (no separate lm_head).
@@ -38,19 +38,19 @@ pub struct Args {
     /// max_position_embeddings in config.json.
     #[arg(long, default_value_t = 2048)]
     pub max_positions: usize,
-    /// Override the size's hidden size.
+    /// Override the size's hidden size [default: from --size].
     #[arg(long)]
     pub hidden: Option<usize>,
-    /// Override the size's MLP intermediate size.
+    /// Override the size's MLP intermediate size [default: from --size].
     #[arg(long)]
     pub intermediate: Option<usize>,
-    /// Override the size's number of layers.
+    /// Override the size's number of layers [default: from --size].
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Override the size's number of attention heads (must divide the hidden size).
+    /// Override the size's number of attention heads (must divide the hidden size) [default: from --size].
     #[arg(long)]
     pub heads: Option<usize>,
-    /// Override the size's number of key/value heads (must divide the number of heads).
+    /// Override the size's number of key/value heads (must divide the number of heads) [default: from --size].
     #[arg(long)]
     pub kv_heads: Option<usize>,
 }

@@ -30,10 +30,10 @@ pub struct Args {
     /// Pairs per forward batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Truncate prompts to their last N tokens (default: no truncation).
+    /// Truncate prompts to their last N tokens [default: no truncation].
     #[arg(long)]
     pub max_prompt_length: Option<usize>,
-    /// Truncate completions so prompt+completion fits N tokens (default: no truncation).
+    /// Truncate completions so prompt+completion fits N tokens [default: no truncation].
     #[arg(long)]
     pub max_length: Option<usize>,
     #[command(flatten)]

@@ -17,7 +17,7 @@ pub struct Args {
     /// Output folder (config.json, model.safetensors, tokenizer files).
     #[arg(long)]
     pub out: PathBuf,
-    /// Dtype of the written weights: f32, bf16, f16 (default: the --dtype used to load).
+    /// Dtype of the written weights: f32, bf16, f16 [default: the --dtype used to load].
     #[arg(long)]
     pub save_dtype: Option<String>,
     #[command(flatten)]

@@ -60,7 +60,7 @@ pub struct Args {
     #[serde(skip)]
     pub resume: Option<PathBuf>,
 
-    /// Train on plain text from this column (every token is a target; no prompt masking).
+    /// Train on plain text from this column (every token is a target; no prompt masking) [default: off: prompt/completion or messages].
     #[arg(long)]
     pub text_column: Option<String>,
     /// Prompt column [default: prompt].
@@ -119,7 +119,7 @@ pub struct Args {
     /// Micro-batches accumulated per optimizer step [default: 1].
     #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// Optimizer steps (overrides --epochs).
+    /// Optimizer steps (overrides --epochs) [default: --epochs passes over the data].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Passes over the training data, used when --steps is not given [default: 1].

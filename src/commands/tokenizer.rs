@@ -59,7 +59,7 @@ pub struct TrainArgs {
     /// Minimum count for a pair to be merged.
     #[arg(long, default_value_t = 2)]
     pub min_frequency: u64,
-    /// Read at most this many rows (all rows when absent).
+    /// Read at most this many rows [default: all rows].
     #[arg(long)]
     pub max_rows: Option<usize>,
     /// `model_max_length` written into tokenizer_config.json.
