@@ -196,6 +196,16 @@ pub fn load_adapter(policy: &mut Policy, dir: &Path) -> Result<AdapterConfig> {
         let b =
             b.ok_or_else(|| adapter_err(dir, format!("`{module}` has lora_A but no lora_B")))?;
         let r = a.dims().first().copied().unwrap_or(0);
+        if r == 0 {
+            // A rank-0 pair would be scaled by alpha / 0 and turn every weight it touches into NaN.
+            return Err(adapter_err(
+                dir,
+                format!(
+                    "tensor `{PREFIX}{module}.lora_A.weight` has shape {:?}: the LoRA rank (its first dimension) must be at least 1",
+                    a.dims()
+                ),
+            ));
+        }
         let (out_dim, in_dim) = (lin.out_dim(), lin.in_dim());
         if a.dims() != [r, in_dim] {
             return Err(Error::Shape {

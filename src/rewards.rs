@@ -384,7 +384,8 @@ impl RewardModel {
             });
         let mut tried = Vec::new();
         let mut score = None;
-        for n in declared.into_iter().chain([1, 2]) {
+        // num_labels 0 (e.g. an empty id2label) would leave no label-0 score to read.
+        for n in declared.into_iter().chain([1, 2]).filter(|&n| n > 0) {
             tried.push(n);
             if let Ok(t) = ck.get("score.weight", &[n, hidden]) {
                 score = Some(t);

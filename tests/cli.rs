@@ -303,3 +303,53 @@ fn nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("non-finite batches skipped"), "{err}");
 }
+
+#[test]
+fn zero_rank_adapter_is_refused_instead_of_merging_nan() {
+    use candle_core::{DType, Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let src = fx("adapters/llama");
+    let ad = dir.path().join("adapter");
+    std::fs::create_dir_all(&ad).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        ad.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    // Give one module a rank-0 pair: lora_A [0, in], lora_B [out, 0].
+    let a_name = tensors
+        .keys()
+        .filter(|k| k.ends_with(".lora_A.weight"))
+        .min()
+        .unwrap()
+        .clone();
+    let b_name = a_name.replace(".lora_A.weight", ".lora_B.weight");
+    let in_dim = tensors[&a_name].dims()[1];
+    let out_dim = tensors[&b_name].dims()[0];
+    tensors.insert(
+        a_name.clone(),
+        Tensor::zeros((0, in_dim), DType::F32, &Device::Cpu).unwrap(),
+    );
+    tensors.insert(
+        b_name,
+        Tensor::zeros((out_dim, 0), DType::F32, &Device::Cpu).unwrap(),
+    );
+    align::peft::write_safetensors(&tensors, &ad.join("adapter_model.safetensors")).unwrap();
+    let out = align()
+        .args(["merge", "--model"])
+        .arg(fx("models/llama"))
+        .arg("--adapter")
+        .arg(&ad)
+        .arg("--out")
+        .arg(dir.path().join("m"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "merged a rank-0 adapter:\n{err}");
+    assert!(err.contains(&a_name), "{err}");
+    assert!(err.contains("rank"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
