@@ -5,7 +5,34 @@ use crate::lora::LoraConfig;
 use crate::policy::{Policy, TrainMode};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
+
+/// Training-loop flags that mean the same and default the same in dpo, sft and grpo.
+/// Flattened into each command's `Args` (clap and serde), so `--help` and the flat settings
+/// keys are unchanged.
+#[derive(clap::Args, Debug, Serialize)]
+pub struct TrainFlags {
+    /// Continue a killed run from OUT/checkpoint-N (or from the newest checkpoint in a run folder).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// Linear warmup steps [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// AdamW decoupled weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clipping; 0 disables [default: 1].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Keep at most N checkpoints; 0 keeps all [default: 2].
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Skip (and count) batches whose loss or gradient is NaN/inf instead of stopping.
+    #[arg(long)]
+    pub skip_nonfinite: bool,
+}
 
 /// The folder holding the embedded default (model + preference sample): `assets/default`
 /// of the source tree this binary was built from, or of the current directory.

@@ -2,7 +2,7 @@
 //! (the same weights with the adapter off), or of every weight with `--full` (the baseline that
 //! LoRA runs are compared with). Losses: `align_algorithms::dpo` (TRL's formulas).
 
-use super::common::{count_rows, default_assets, load_policy, source, PolicySpec};
+use super::common::{count_rows, default_assets, load_policy, source, PolicySpec, TrainFlags};
 use super::DeviceArgs;
 use crate::lora::Fwd;
 use crate::policy::{Policy, TokenBatch, TrainMode};
@@ -47,10 +47,6 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Continue a killed run from OUT/checkpoint-N (or from the newest checkpoint in a run folder).
-    #[arg(long)]
-    #[serde(skip)]
-    pub resume: Option<PathBuf>,
 
     /// LoRA rank r [default: 8].
     #[arg(long)]
@@ -102,15 +98,6 @@ pub struct Args {
     /// Learning-rate schedule: constant, linear, cosine [default: linear].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Linear warmup steps [default: 0].
-    #[arg(long)]
-    pub warmup_steps: Option<u64>,
-    /// AdamW decoupled weight decay [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Global gradient-norm clipping; 0 disables [default: 1].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
     /// Preference pairs per micro-batch [default: 8].
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -132,18 +119,16 @@ pub struct Args {
     /// Write a checkpoint every N steps; 0 = only at the end [default: 0].
     #[arg(long)]
     pub save_every: Option<u64>,
-    /// Keep at most N checkpoints; 0 keeps all [default: 2].
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
     /// Evaluate on --eval-data every N steps; 0 = only at the end [default: 0].
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// At most N held-out pairs per evaluation [default: 256].
     #[arg(long)]
     pub eval_max_pairs: Option<usize>,
-    /// Skip (and count) batches whose loss or gradient is NaN/inf instead of stopping.
-    #[arg(long)]
-    pub skip_nonfinite: bool,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainFlags,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -366,7 +351,7 @@ fn resolve(args: &Args) -> Result<DpoSettings> {
 
 pub fn run(args: Args) -> Result<()> {
     // Resume: the checkpoint's settings win, so the run continues exactly as it started.
-    let (mut s, resume_dir) = match &args.resume {
+    let (mut s, resume_dir) = match &args.train.resume {
         Some(p) => {
             let dir = if p.join("trainer_state.json").exists() {
                 p.clone()

@@ -46,7 +46,7 @@
 //! * Not implemented: `mask_truncated_completions`, entropy masking, GSPO/sequence-level IS,
 //!   reward weights, multiple processes.
 
-use super::common::{load_policy, PolicySpec};
+use super::common::{load_policy, PolicySpec, TrainFlags};
 use super::DeviceArgs;
 use crate::generate::{encode_prompt, eos_ids, generate_chunked, SamplingConfig};
 use crate::lora::Fwd;
@@ -104,10 +104,6 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Continue a killed run from OUT/checkpoint-N (or the newest checkpoint in a run folder).
-    #[arg(long)]
-    #[serde(skip)]
-    pub resume: Option<PathBuf>,
 
     /// Reward(s): gsm8k, exact, regex, format, char_fraction, model, command; comma-separated are summed [default: gsm8k].
     #[arg(long)]
@@ -206,15 +202,6 @@ pub struct Args {
     /// Learning-rate schedule: constant, linear, cosine [default: linear].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Linear warmup steps [default: 0].
-    #[arg(long)]
-    pub warmup_steps: Option<u64>,
-    /// AdamW decoupled weight decay [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Global gradient-norm clipping; 0 disables [default: 1].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
     /// Optimizer steps [default: 100].
     #[arg(long)]
     pub steps: Option<u64>,
@@ -227,12 +214,10 @@ pub struct Args {
     /// Write a checkpoint every N steps (a multiple of --num-iterations); 0 = only at the end [default: 0].
     #[arg(long)]
     pub save_every: Option<u64>,
-    /// Keep at most N checkpoints; 0 keeps all [default: 2].
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
-    /// Skip (and count) batches whose loss or gradient is NaN/inf instead of stopping.
-    #[arg(long)]
-    pub skip_nonfinite: bool,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainFlags,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -560,7 +545,7 @@ fn resolve(args: &Args) -> Result<GrpoSettings> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (s, resume_dir) = match &args.resume {
+    let (s, resume_dir) = match &args.train.resume {
         Some(p) => {
             let dir = if p.join("trainer_state.json").exists() {
                 p.clone()

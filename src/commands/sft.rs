@@ -16,7 +16,7 @@
 //! The examples are tokenized up front and kept in memory (token ids only); every epoch is a
 //! seeded permutation, and the checkpoint records (epoch, position), so resume is exact.
 
-use super::common::{default_assets, load_policy, source, PolicySpec};
+use super::common::{default_assets, load_policy, source, PolicySpec, TrainFlags};
 use super::tokenizer::{cell, Cell, CellKind, ParquetTable};
 use crate::lora::Fwd;
 use crate::policy::{Policy, TokenBatch};
@@ -55,10 +55,6 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Continue a killed run from OUT/checkpoint-N (or from the newest checkpoint in a run folder).
-    #[arg(long)]
-    #[serde(skip)]
-    pub resume: Option<PathBuf>,
 
     /// Train on plain text from this column (every token is a target; no prompt masking) [default: off: prompt/completion or messages].
     #[arg(long)]
@@ -104,15 +100,6 @@ pub struct Args {
     /// Learning-rate schedule: constant, linear, cosine [default: cosine].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Linear warmup steps [default: 0].
-    #[arg(long)]
-    pub warmup_steps: Option<u64>,
-    /// AdamW decoupled weight decay [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Global gradient-norm clipping; 0 disables [default: 1].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
     /// Examples per micro-batch [default: 8].
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -134,18 +121,16 @@ pub struct Args {
     /// Write a checkpoint every N steps; 0 = only at the end [default: 0].
     #[arg(long)]
     pub save_every: Option<u64>,
-    /// Keep at most N checkpoints; 0 keeps all [default: 2].
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
     /// Evaluate on --eval-data every N steps; 0 = only at the end [default: 0].
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// At most N held-out examples per evaluation [default: 256].
     #[arg(long)]
     pub eval_max_examples: Option<usize>,
-    /// Skip (and count) batches whose loss or gradient is NaN/inf instead of stopping.
-    #[arg(long)]
-    pub skip_nonfinite: bool,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainFlags,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -493,7 +478,7 @@ fn order(n: usize, epoch: u64, seed: u64, shuffle: bool) -> Vec<usize> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (mut s, resume_dir) = match &args.resume {
+    let (mut s, resume_dir) = match &args.train.resume {
         Some(p) => {
             let dir = if p.join("trainer_state.json").exists() {
                 p.clone()
