@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Preference data: parquet files/folders/globs (prompt/chosen/rejected, HH-RLHF transcripts, or chat messages).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Output JSON-lines file, one object per pair.
     #[arg(long)]
