@@ -207,7 +207,10 @@ impl ModelConfig {
             Some(r) => match r.rope_type.as_deref() {
                 None | Some("default") => None,
                 Some("llama3") => {
-                    let (lo, hi) = (r.low_freq_factor.unwrap_or(1.0), r.high_freq_factor.unwrap_or(4.0));
+                    let (lo, hi) = (
+                        r.low_freq_factor.unwrap_or(1.0),
+                        r.high_freq_factor.unwrap_or(4.0),
+                    );
                     if hi <= lo || r.factor.unwrap_or(8.0) <= 0.0 {
                         return Err(bad(format!(
                             "llama3 rope scaling needs high_freq_factor > low_freq_factor and factor > 0 (got {hi}, {lo}, {:?})",
