@@ -444,7 +444,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let (trainable, total) = policy.param_counts();
     eprintln!(
-        "dpo: {} {} model, {} ({} of {} parameters trainable, {:.3}%), {rows} rows, {steps} steps of {}x{} pairs, lr {lr:e}, loss {}",
+        "dpo: {} {} model, {} ({} of {} parameters trainable, {:.3}%), {rows} rows, {steps} steps of {}x{} pairs, lr {lr:.2e}, loss {}",
         policy.cfg().family.name(),
         model.display(),
         if s.full { "full fine-tuning".to_string() } else { format!("LoRA r={} alpha={}", s.rank, s.alpha) },

@@ -641,7 +641,7 @@ pub fn train(s: GrpoSettings, resume_dir: Option<PathBuf>) -> Result<()> {
     sampling.validate()?;
     let (trainable, total) = policy.param_counts();
     eprintln!(
-        "grpo: {} {} model, {} ({trainable} of {total} parameters trainable), {} steps, {}x{} completions per batch, mu {}, lr {lr:e}, loss {}, beta {}",
+        "grpo: {} {} model, {} ({trainable} of {total} parameters trainable), {} steps, {}x{} completions per batch, mu {}, lr {lr:.2e}, loss {}, beta {}",
         policy.cfg().family.name(),
         model.display(),
         if s.full { "full fine-tuning".to_string() } else { format!("LoRA r={} alpha={}", s.rank, s.alpha) },

@@ -590,7 +590,7 @@ pub fn run(args: Args) -> Result<()> {
     let (trainable, total) = policy.param_counts();
     let target_tokens: usize = examples.iter().map(|e| e.ids.len() - e.split).sum();
     eprintln!(
-        "sft: {} {} model, {} ({} of {} parameters trainable), {} examples ({:?}, {} target tokens), {steps} steps of {}x{}, lr {lr:e}",
+        "sft: {} {} model, {} ({} of {} parameters trainable), {} examples ({:?}, {} target tokens), {steps} steps of {}x{}, lr {lr:.2e}",
         policy.cfg().family.name(),
         model.display(),
         if s.full { "full fine-tuning".to_string() } else { format!("LoRA r={} alpha={}", s.rank, s.alpha) },
