@@ -10,12 +10,14 @@ use align::policy::{Policy, TokenBatch, TrainMode};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-const CASES: [(&str, &str); 5] = [
+const CASES: [(&str, &str); 7] = [
     ("llama", "llama"),
     ("llama", "llama-rslora"),
     ("qwen2", "qwen2"),
     ("qwen3", "qwen3"),
     ("qwen3_moe", "qwen3_moe"),
+    ("mistral", "mistral"),
+    ("mixtral", "mixtral"),
 ];
 
 fn read(path: &std::path::Path) -> Value {
