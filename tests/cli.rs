@@ -199,7 +199,8 @@ fn dpo_lora_and_full_write_outputs_and_metrics() {
     run_ok(
         align()
             .args(dpo_args(&full, 2))
-            .args(["--full", "--lr", "1e-5"]),
+            .args(["--full", "--lr", "1e-5", "--eval-data"])
+            .arg(fx("pairs.parquet")),
     );
     assert!(full.join("model/model.safetensors").exists());
     assert!(full.join("model/config.json").exists());
@@ -207,7 +208,8 @@ fn dpo_lora_and_full_write_outputs_and_metrics() {
     run_ok(
         align()
             .args(dpo_args(&full2, 2))
-            .args(["--full", "--lr", "1e-5", "--precompute-ref"]),
+            .args(["--full", "--lr", "1e-5", "--precompute-ref", "--eval-data"])
+            .arg(fx("pairs.parquet")),
     );
     // precomputed reference = frozen copy: same weights after the same steps
     let a = std::fs::read(full.join("model/model.safetensors")).unwrap();
@@ -216,6 +218,23 @@ fn dpo_lora_and_full_write_outputs_and_metrics() {
         a, b,
         "--precompute-ref must train exactly like a frozen reference copy"
     );
+    // and evaluate like it: the eval rows' reference log-probs are precomputed too
+    let last_eval = |d: &Path| -> serde_json::Value {
+        let m = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        serde_json::from_str(m.lines().last().unwrap()).unwrap()
+    };
+    let (ea, eb) = (last_eval(&full), last_eval(&full2));
+    for k in [
+        "eval_loss",
+        "eval_rewards/margins",
+        "eval_rewards/accuracies",
+    ] {
+        let (x, y) = (ea[k].as_f64().unwrap(), eb[k].as_f64().unwrap());
+        assert!(
+            (x - y).abs() < 1e-6,
+            "{k}: frozen copy {x} vs precomputed {y}"
+        );
+    }
 }
 
 #[test]

@@ -15,10 +15,10 @@ use align_datasets::{
     Cursor, PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
 };
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Full fine-tuning default learning rate (TRL's DPOConfig default is 1e-6; LoRA gets 10×).
 pub const FULL_LR: f64 = 1e-6;
@@ -462,19 +462,26 @@ pub fn run(args: Args) -> Result<()> {
         ..Default::default()
     };
     let template = tok.chat_template.clone();
+    let eval_src = s.eval_data.as_ref().map(|e| source(e)).transpose()?;
     let reference = if !s.full || loss_type == DpoLossType::Simpo {
         Reference::AdaptersOff
     } else if s.precompute_ref {
+        // Before any update (and before a resume loads its weights): the initial policy is the
+        // reference. Eval rows are keyed by their own file, so one table serves both.
         eprintln!("precomputing reference log-probs over {rows} rows...");
-        Reference::Table(precompute(
-            &policy,
-            &src,
-            template.as_ref(),
-            &tok,
-            &trunc,
-            pad,
-            s.batch_size,
-        )?)
+        let mut table = HashMap::new();
+        for src in std::iter::once(&src).chain(eval_src.iter()) {
+            table.extend(precompute(
+                &policy,
+                src,
+                template.as_ref(),
+                &tok,
+                &trunc,
+                pad,
+                s.batch_size,
+            )?);
+        }
+        Reference::Table(table)
     } else {
         Reference::Copy(Box::new(Policy::load(
             &model,
@@ -515,7 +522,6 @@ pub fn run(args: Args) -> Result<()> {
         None => PreferenceStream::open(&src, opts, template.as_ref())?,
     };
     let mut trunc_stats = TruncationStats::default();
-    let eval_src = s.eval_data.as_ref().map(|e| source(e)).transpose()?;
     while trainer.step < steps {
         let mut batches = Vec::with_capacity(s.grad_accum);
         for _ in 0..s.grad_accum {
@@ -644,15 +650,7 @@ fn evaluate(
             break;
         };
         let k = b.pairs.len();
-        let reference_for_eval = match reference {
-            Reference::Table(_) => &Reference::AdaptersOff, // eval rows were not precomputed; see below
-            r => r,
-        };
-        let (_, m) = if matches!(reference, Reference::Table(_)) {
-            bail!("--precompute-ref with --eval-data is not supported yet: drop one of them")
-        } else {
-            dpo_batch(policy, reference_for_eval, &b, pad, cfg, false)?
-        };
+        let (_, m) = dpo_batch(policy, reference, &b, pad, cfg, false)?;
         for (key, v) in m {
             if key != "tokens" {
                 *sums.entry(format!("eval_{key}")).or_insert(0.0) += v * k as f64;
@@ -691,11 +689,3 @@ fn precompute(
     }
     Ok(table)
 }
-
-/// Used by tests: does this folder look like a finished DPO run?
-pub fn is_run_dir(p: &Path) -> bool {
-    p.join("metrics.jsonl").exists()
-}
-
-#[allow(dead_code)]
-fn _device_is_used(_: &Device) {}
