@@ -256,3 +256,25 @@ fn adapter_written_here_equals_the_peft_original() {
         }
     }
 }
+
+#[test]
+fn half_precision_weights_stay_close_to_the_f32_reference() {
+    // bf16/f16 weights, log-softmax in f32: sums of ~50-130 token log-probs stay within 1%.
+    for dtype in [DType::BF16, DType::F16] {
+        for (model, adapter) in [("llama", "llama"), ("qwen3_moe", "qwen3_moe")] {
+            let exp = read(&common::fixtures().join(format!("expected/{adapter}.json")));
+            let batch = fixture_batch(dtype);
+            let p = load(model, Some(adapter), dtype);
+            let lp = p.sequence_logps(&batch, Fwd::POLICY).unwrap();
+            assert_eq!(lp.dtype(), DType::F32, "log-probs must be computed in f32");
+            let got = as_f64(&lp);
+            let want = expected_logps(&exp, "lora_f32");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 0.01 * w.abs(),
+                    "{adapter} {dtype:?} seq {i}: {g} vs f32 reference {w}"
+                );
+            }
+        }
+    }
+}
