@@ -8,6 +8,33 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+/// Flags of the offline (dataset-driven) loops, shared by `dpo` and `sft`; flattened like
+/// [`TrainFlags`]. (`grpo` samples its own batches and words these differently.)
+#[derive(clap::Args, Debug, Serialize)]
+pub struct DataLoopFlags {
+    /// Micro-batches accumulated per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Optimizer steps (overrides --epochs) [default: --epochs passes over the data].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Passes over the training data, used when --steps is not given [default: 1].
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Seed for data order and adapter initialisation [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Read the data in file order instead of shuffling.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Write a checkpoint every N steps; 0 = only at the end [default: 0].
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Evaluate on --eval-data every N steps; 0 = only at the end [default: 0].
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+}
+
 /// Training-loop flags that mean the same and default the same in dpo, sft and grpo.
 /// Flattened into each command's `Args` (clap and serde), so `--help` and the flat settings
 /// keys are unchanged.

@@ -16,7 +16,7 @@
 //! The examples are tokenized up front and kept in memory (token ids only); every epoch is a
 //! seeded permutation, and the checkpoint records (epoch, position), so resume is exact.
 
-use super::common::{default_assets, load_policy, source, PolicySpec, TrainFlags};
+use super::common::{default_assets, load_policy, source, DataLoopFlags, PolicySpec, TrainFlags};
 use super::tokenizer::{cell, Cell, CellKind, ParquetTable};
 use crate::lora::Fwd;
 use crate::policy::{Policy, TokenBatch};
@@ -103,27 +103,9 @@ pub struct Args {
     /// Examples per micro-batch [default: 8].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Micro-batches accumulated per optimizer step [default: 1].
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Optimizer steps (overrides --epochs) [default: --epochs passes over the data].
-    #[arg(long)]
-    pub steps: Option<u64>,
-    /// Passes over the training data, used when --steps is not given [default: 1].
-    #[arg(long)]
-    pub epochs: Option<f64>,
-    /// Seed for data order and adapter initialisation [default: 42].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Read the data in file order instead of shuffling.
-    #[arg(long)]
-    pub no_shuffle: bool,
-    /// Write a checkpoint every N steps; 0 = only at the end [default: 0].
-    #[arg(long)]
-    pub save_every: Option<u64>,
-    /// Evaluate on --eval-data every N steps; 0 = only at the end [default: 0].
-    #[arg(long)]
-    pub eval_every: Option<u64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data_loop: DataLoopFlags,
     /// At most N held-out examples per evaluation [default: 256].
     #[arg(long)]
     pub eval_max_examples: Option<usize>,
