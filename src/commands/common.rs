@@ -126,3 +126,62 @@ pub fn count_rows(files: &[PathBuf]) -> Result<u64> {
 pub fn source(paths: &[PathBuf]) -> Result<align_datasets::Source> {
     align_datasets::Source::from_paths(paths).with_context(|| format!("data {:?}", paths))
 }
+
+/// Tokenized preference pairs and the rows they came from.
+pub struct PairBatch {
+    pub pairs: Vec<align_datasets::TokenizedPair>,
+    pub rows: Vec<align_datasets::RowId>,
+}
+
+/// Pull up to `n` pairs from the stream, tokenized as TRL does; pairs whose prompt leaves no
+/// room for a completion are skipped (counted in `stats`). `None` at the end of the stream.
+pub fn next_batch(
+    stream: &mut align_datasets::PreferenceStream,
+    tok: &align_datasets::TokenizerBundle,
+    trunc: &align_datasets::TruncationOptions,
+    stats: &mut align_datasets::TruncationStats,
+    n: usize,
+) -> Result<Option<PairBatch>> {
+    let mut b = PairBatch {
+        pairs: Vec::with_capacity(n),
+        rows: Vec::with_capacity(n),
+    };
+    while b.pairs.len() < n.max(1) {
+        let Some(pair) = stream.next() else { break };
+        let pair = pair?;
+        match tok.tokenize_pair(&pair, trunc, stats) {
+            Ok(t) => {
+                b.rows.push(pair.source_row);
+                b.pairs.push(t);
+            }
+            Err(align_datasets::DatasetError::NoRoomForCompletion { .. }) => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("tokenizing {}", pair.source_row)))
+            }
+        }
+    }
+    Ok((!b.pairs.is_empty()).then_some(b))
+}
+
+/// Tokenized pairs → one batch of 2B sequences: the B chosen, then the B rejected.
+pub fn pair_batch(
+    pairs: &[align_datasets::TokenizedPair],
+    pad: u32,
+    policy: &Policy,
+) -> Result<crate::policy::TokenBatch> {
+    let mut seqs: Vec<(&[u32], &[u32])> = pairs
+        .iter()
+        .map(|p| (p.prompt_ids.as_slice(), p.chosen_ids.as_slice()))
+        .collect();
+    seqs.extend(
+        pairs
+            .iter()
+            .map(|p| (p.prompt_ids.as_slice(), p.rejected_ids.as_slice())),
+    );
+    Ok(crate::policy::TokenBatch::from_pairs(
+        &seqs,
+        pad,
+        policy.dtype(),
+        policy.device(),
+    )?)
+}

@@ -3,11 +3,12 @@
 //! LoRA runs are compared with). Losses: `align_algorithms::dpo` (TRL's formulas).
 
 use super::common::{
-    count_rows, default_assets, load_policy, source, DataLoopFlags, PolicySpec, TrainFlags,
+    count_rows, default_assets, load_policy, next_batch, pair_batch, source, DataLoopFlags,
+    PairBatch, PolicySpec, TrainFlags,
 };
 use super::DeviceArgs;
 use crate::lora::Fwd;
-use crate::policy::{Policy, TokenBatch, TrainMode};
+use crate::policy::{Policy, TrainMode};
 use crate::trainer::{
     list_checkpoints, read_state, resolve_settings, Metrics, StepOutcome, TrainSettings, Trainer,
 };
@@ -215,68 +216,11 @@ fn row_key(r: &align_datasets::RowId) -> String {
     format!("{}#{}", r.file.display(), r.row)
 }
 
-/// Tokenized pairs → one batch of 2B sequences: the B chosen, then the B rejected.
-fn pair_batch(
-    pairs: &[align_datasets::TokenizedPair],
-    pad: u32,
-    policy: &Policy,
-) -> Result<TokenBatch> {
-    let mut seqs: Vec<(&[u32], &[u32])> = pairs
-        .iter()
-        .map(|p| (p.prompt_ids.as_slice(), p.chosen_ids.as_slice()))
-        .collect();
-    seqs.extend(
-        pairs
-            .iter()
-            .map(|p| (p.prompt_ids.as_slice(), p.rejected_ids.as_slice())),
-    );
-    Ok(TokenBatch::from_pairs(
-        &seqs,
-        pad,
-        policy.dtype(),
-        policy.device(),
-    )?)
-}
-
-struct Batch {
-    pairs: Vec<align_datasets::TokenizedPair>,
-    keys: Vec<String>,
-}
-
-/// Pull `n` usable pairs from the stream, tokenizing; pairs with no completion room are skipped.
-fn next_batch(
-    stream: &mut PreferenceStream,
-    tok: &TokenizerBundle,
-    trunc: &TruncationOptions,
-    stats: &mut TruncationStats,
-    n: usize,
-) -> Result<Option<Batch>> {
-    let mut b = Batch {
-        pairs: Vec::with_capacity(n),
-        keys: Vec::with_capacity(n),
-    };
-    while b.pairs.len() < n {
-        let Some(pair) = stream.next() else { break };
-        let pair = pair?;
-        match tok.tokenize_pair(&pair, trunc, stats) {
-            Ok(t) if !t.chosen_ids.is_empty() && !t.rejected_ids.is_empty() => {
-                b.keys.push(row_key(&pair.source_row));
-                b.pairs.push(t);
-            }
-            Ok(_) | Err(align_datasets::DatasetError::NoRoomForCompletion { .. }) => {}
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("tokenizing {}", pair.source_row)))
-            }
-        }
-    }
-    Ok((!b.pairs.is_empty()).then_some(b))
-}
-
 /// Forward pass and DPO loss for one batch. Returns the loss, TRL-named metrics and token count.
 fn dpo_batch(
     policy: &Policy,
     reference: &Reference,
-    batch: &Batch,
+    batch: &PairBatch,
     pad: u32,
     cfg: &DpoConfig,
     train: bool,
@@ -289,9 +233,10 @@ fn dpo_batch(
         Reference::Copy(r) => Some(r.sequence_logps(&tb, Fwd::REFERENCE)?.detach()),
         Reference::Table(t) => {
             let mut v = vec![0f64; 2 * b];
-            for (i, k) in batch.keys.iter().enumerate() {
+            for (i, row) in batch.rows.iter().enumerate() {
+                let k = row_key(row);
                 let (c, r) = t
-                    .get(k)
+                    .get(&k)
                     .with_context(|| format!("no precomputed reference for {k}"))?;
                 v[i] = *c;
                 v[b + i] = *r;
@@ -667,8 +612,8 @@ fn precompute(
             .to_dtype(candle_core::DType::F64)?
             .to_vec1()?;
         let n = b.pairs.len();
-        for (i, k) in b.keys.into_iter().enumerate() {
-            table.insert(k, (lp[i], lp[n + i]));
+        for (i, row) in b.rows.iter().enumerate() {
+            table.insert(row_key(row), (lp[i], lp[n + i]));
         }
     }
     Ok(table)

@@ -2,10 +2,10 @@
 //! JSON lines. Tokenization follows TRL: the prompt with the tokenizer's special tokens, each
 //! completion without them plus EOS; sums run over completion tokens only.
 
-use super::common::source;
+use super::common::{next_batch, pair_batch, source, PairBatch};
 use super::DeviceArgs;
 use crate::lora::Fwd;
-use crate::policy::{Policy, TokenBatch, TrainMode};
+use crate::policy::{Policy, TrainMode};
 use align_datasets::{
     PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
 };
@@ -66,39 +66,11 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
     );
     let mut n = 0usize;
-    loop {
-        let mut pairs = Vec::new();
-        let mut rows = Vec::new();
-        while pairs.len() < args.batch_size.max(1) {
-            let Some(p) = stream.next() else { break };
-            let p = p?;
-            match tok.tokenize_pair(&p, &trunc, &mut stats) {
-                Ok(t) => {
-                    rows.push(p.source_row.clone());
-                    pairs.push(t);
-                }
-                Err(align_datasets::DatasetError::NoRoomForCompletion { .. }) => {}
-                Err(e) => {
-                    return Err(
-                        anyhow::Error::new(e).context(format!("tokenizing {}", p.source_row))
-                    )
-                }
-            }
-        }
-        if pairs.is_empty() {
-            break;
-        }
+    while let Some(PairBatch { pairs, rows }) =
+        next_batch(&mut stream, &tok, &trunc, &mut stats, args.batch_size)?
+    {
         let b = pairs.len();
-        let mut seqs: Vec<(&[u32], &[u32])> = pairs
-            .iter()
-            .map(|p| (p.prompt_ids.as_slice(), p.chosen_ids.as_slice()))
-            .collect();
-        seqs.extend(
-            pairs
-                .iter()
-                .map(|p| (p.prompt_ids.as_slice(), p.rejected_ids.as_slice())),
-        );
-        let batch = TokenBatch::from_pairs(&seqs, tok.pad_id(), dtype, &device)?;
+        let batch = pair_batch(&pairs, tok.pad_id(), &policy)?;
         let lp: Vec<f64> = policy
             .sequence_logps(&batch, Fwd::POLICY)?
             .to_dtype(candle_core::DType::F64)?
