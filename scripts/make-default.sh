@@ -19,14 +19,16 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 # Settings (documented in docs/default-model.md).
+# Each can be overridden from the environment (scripts/make-hh-start.sh does).
 PREFS_MODE=${PREFS_MODE:-shuffled}   # shuffled (synthetic, default) or hh (real HH pairs)
-N_TRAIN=400 N_EVAL=200
+SFT_TEXT=${SFT_TEXT:-chosen}         # chosen transcripts, or both-tails (make_default_data.py)
+N_TRAIN=${N_TRAIN:-400} N_EVAL=${N_EVAL:-200}
 VOCAB=2048
-SFT_STEPS=150 SFT_LR=3e-3 SFT_BS=16 SFT_LEN=128
+SFT_STEPS=${SFT_STEPS:-150} SFT_LR=3e-3 SFT_BS=16 SFT_LEN=${SFT_LEN:-128}
 
 mkdir -p "$OUT"
-# 1. Split: eval rows (200) are held out of SFT and DPO training.
-"$PY" scripts/make_default_data.py "$HH" "$WORK" "$PREFS_MODE" "$N_TRAIN" "$N_EVAL"
+# 1. Split: the N_EVAL eval rows are held out of the tokenizer, SFT and DPO training.
+"$PY" scripts/make_default_data.py "$HH" "$WORK" "$PREFS_MODE" "$N_TRAIN" "$N_EVAL" "$SFT_TEXT"
 cp "$WORK/prefs-train.parquet" "$WORK/prefs-eval.parquet" "$OUT/"
 # 2. Tokenizer on the SFT conversations.
 "$ALIGN" tokenizer train --data "$WORK/sft.parquet" --vocab-size "$VOCAB" --out "$WORK/tok"
@@ -43,4 +45,4 @@ cp -r "$WORK/sft/model" "$OUT/model"
 cp "$WORK/sft/metrics.jsonl" "$OUT/sft-metrics.jsonl"
 [ -f "$WORK/sft/metrics.png" ] && cp "$WORK/sft/metrics.png" "$OUT/sft-metrics.png"
 du -sh "$OUT"
-echo "default written to $OUT; try: $ALIGN dpo"
+echo "model and preference pairs written to $OUT"

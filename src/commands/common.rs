@@ -185,3 +185,17 @@ pub fn pair_batch(
         policy.device(),
     )?)
 }
+
+/// Parses one subcommand's flags as the CLI would (tests of settings resolution).
+#[cfg(test)]
+pub fn parse_flags<A: clap::Args>(command: &str, argv: &[&str]) -> A {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    Cli::<A>::try_parse_from(std::iter::once(command).chain(argv.iter().copied()))
+        .expect("flags parse")
+        .args
+}

@@ -618,3 +618,31 @@ fn precompute(
     }
     Ok(table)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::common::parse_flags;
+
+    fn settings(argv: &[&str]) -> DpoSettings {
+        resolve(&parse_flags::<Args>("dpo", argv)).expect("settings resolve")
+    }
+
+    /// The shipped configs must keep resolving (an unknown or mistyped key is an error), and
+    /// a flag must still beat the file.
+    #[test]
+    fn shipped_configs_resolve_and_flags_override_them() {
+        let hh = settings(&["--config", "configs/dpo-hh.toml"]);
+        assert_eq!(hh.model, Some(PathBuf::from("runs/hh-start/model")));
+        assert_eq!((hh.rank, hh.batch_size, hh.max_length), (4, 16, 128));
+        assert_eq!((hh.lr, hh.steps, hh.full), (Some(5e-4), Some(120), false));
+        let full = settings(&["--config", "configs/dpo-hh.toml", "--full", "--lr", "5e-5"]);
+        assert_eq!(
+            (full.lr, full.full, full.steps),
+            (Some(5e-5), true, Some(120))
+        );
+        let default = settings(&["--config", "configs/dpo-default.toml"]);
+        assert_eq!(default.model, Some(PathBuf::from("assets/default/model")));
+        assert_eq!((default.rank, default.beta), (8, 0.1));
+    }
+}

@@ -1100,3 +1100,23 @@ fn next_offline_batch(
         m,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::common::parse_flags;
+
+    fn settings(argv: &[&str]) -> GrpoSettings {
+        resolve(&parse_flags::<Args>("grpo", argv)).expect("settings resolve")
+    }
+
+    /// The shipped configs must keep resolving, and a flag must still beat the file.
+    #[test]
+    fn shipped_configs_resolve_and_flags_override_them() {
+        let demo = settings(&["--config", "configs/grpo-demo.toml"]);
+        assert_eq!((demo.rank, demo.steps, demo.lr), (4, 200, Some(3e-3)));
+        let short = settings(&["--config", "configs/grpo-demo.toml", "--steps", "16"]);
+        assert_eq!(short.steps, 16);
+        settings(&["--config", "configs/grpo-gsm8k.toml"]);
+    }
+}
