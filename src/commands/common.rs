@@ -110,6 +110,25 @@ pub fn load_policy(spec: &PolicySpec, dtype: DType, device: &Device) -> Result<P
     Ok(policy)
 }
 
+/// A frozen model for inference (generate, logprobs, merge), with a PEFT adapter applied when
+/// one is given; returns the adapter's config too.
+pub fn load_frozen(
+    model: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Policy, Option<crate::peft::AdapterConfig>)> {
+    let mut policy = Policy::load(model, TrainMode::Frozen, dtype, device)
+        .with_context(|| format!("loading the model {}", model.display()))?;
+    let cfg = adapter
+        .map(|a| {
+            crate::peft::load_adapter(&mut policy, a)
+                .with_context(|| format!("loading the adapter {}", a.display()))
+        })
+        .transpose()?;
+    Ok((policy, cfg))
+}
+
 /// Rows in a set of parquet files, from their footers (no data read).
 pub fn count_rows(files: &[PathBuf]) -> Result<u64> {
     use parquet::file::reader::{FileReader, SerializedFileReader};

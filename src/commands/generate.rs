@@ -3,10 +3,10 @@
 //! index, `logp` = per-token log-probs of the sampled tokens). Chat prompts (message lists)
 //! are rendered with the model's chat template. See [`crate::generate`] for the sampler.
 
+use super::common::load_frozen;
 use super::DeviceArgs;
 use crate::generate::{encode_prompt, eos_ids, generate, SamplingConfig};
 use crate::lora::Fwd;
-use crate::policy::{Policy, TrainMode};
 use align_datasets::{
     PromptStream, Rollout, RolloutWriter, Source, StreamOptions, TokenizerBundle,
 };
@@ -74,15 +74,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     let device = a.dev.device()?;
     let dtype = a.dev.dtype()?;
-    let mut policy = Policy::load(&a.model, TrainMode::Frozen, dtype, &device)
-        .with_context(|| format!("loading the model {}", a.model.display()))?;
-    let fwd = match &a.adapter {
-        Some(dir) => {
-            crate::peft::load_adapter(&mut policy, dir)
-                .with_context(|| format!("loading the adapter {}", dir.display()))?;
-            Fwd::POLICY
-        }
-        None => Fwd::REFERENCE,
+    let (policy, adapter) = load_frozen(&a.model, a.adapter.as_deref(), dtype, &device)?;
+    let fwd = if adapter.is_some() {
+        Fwd::POLICY
+    } else {
+        Fwd::REFERENCE
     };
     let tok = TokenizerBundle::from_dir(&a.model)
         .with_context(|| format!("loading the tokenizer of {}", a.model.display()))?;

@@ -2,10 +2,9 @@
 //! JSON lines. Tokenization follows TRL: the prompt with the tokenizer's special tokens, each
 //! completion without them plus EOS; sums run over completion tokens only.
 
-use super::common::{next_batch, pair_batch, source, PairBatch};
+use super::common::{load_frozen, next_batch, pair_batch, source, PairBatch};
 use super::DeviceArgs;
 use crate::lora::Fwd;
-use crate::policy::{Policy, TrainMode};
 use align_datasets::{
     PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
 };
@@ -43,11 +42,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let device = args.dev.device()?;
     let dtype = args.dev.dtype()?;
-    let mut policy = Policy::load(&args.model, TrainMode::Frozen, dtype, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some(a) = &args.adapter {
-        crate::peft::load_adapter(&mut policy, a)?;
-    }
+    let (policy, _) = load_frozen(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tok = TokenizerBundle::from_dir(&args.model)
         .with_context(|| format!("tokenizer of {}", args.model.display()))?;
     let src = source(&args.data)?;

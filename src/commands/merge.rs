@@ -1,9 +1,9 @@
 //! `align merge`: fold a PEFT adapter into its base model (W + scale·B·A) and write a plain
 //! Hugging Face model folder that transformers loads.
 
+use super::common::load_frozen;
 use super::DeviceArgs;
-use crate::policy::{Policy, TrainMode};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -27,9 +27,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let device = args.dev.device()?;
     let dtype = args.dev.dtype()?;
-    let mut policy = Policy::load(&args.model, TrainMode::Frozen, dtype, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let cfg = crate::peft::load_adapter(&mut policy, &args.adapter)?;
+    let (policy, cfg) = load_frozen(&args.model, Some(&args.adapter), dtype, &device)?;
+    let cfg = cfg.expect("an adapter was given");
     let save_dtype = args
         .save_dtype
         .as_deref()
