@@ -75,6 +75,46 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Loads `{prefix}.{gate}`, `{prefix}.{up}` and `{prefix}.{down}` with `names` = [gate, up,
+    /// down] (`gate_proj`/`up_proj`/`down_proj`, or Mixtral's `w1`/`w3`/`w2`).
+    fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        names: [&str; 3],
+        intermediate: usize,
+        hidden: usize,
+        bias: bool,
+        trainable: bool,
+    ) -> Result<Self> {
+        let [gate, up, down] = names;
+        Ok(Mlp {
+            gate_proj: load_linear(
+                ck,
+                &format!("{prefix}.{gate}"),
+                intermediate,
+                hidden,
+                bias,
+                trainable,
+            )?,
+            up_proj: load_linear(
+                ck,
+                &format!("{prefix}.{up}"),
+                intermediate,
+                hidden,
+                bias,
+                trainable,
+            )?,
+            down_proj: load_linear(
+                ck,
+                &format!("{prefix}.{down}"),
+                hidden,
+                intermediate,
+                bias,
+                trainable,
+            )?,
+        })
+    }
+
     fn forward(&self, x: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
         let g = self.gate_proj.forward(x, fwd)?.silu()?;
         let u = self.up_proj.forward(x, fwd)?;
@@ -325,32 +365,7 @@ impl CausalLm {
                 let mut experts = Vec::with_capacity(m.num_experts);
                 for e in 0..m.num_experts {
                     let ep = format!("{base}.experts.{e}");
-                    experts.push(Mlp {
-                        gate_proj: load_linear(
-                            ck,
-                            &format!("{ep}.{}", names[0]),
-                            mi,
-                            hs,
-                            cfg.mlp_bias,
-                            trainable,
-                        )?,
-                        up_proj: load_linear(
-                            ck,
-                            &format!("{ep}.{}", names[1]),
-                            mi,
-                            hs,
-                            cfg.mlp_bias,
-                            trainable,
-                        )?,
-                        down_proj: load_linear(
-                            ck,
-                            &format!("{ep}.{}", names[2]),
-                            hs,
-                            mi,
-                            cfg.mlp_bias,
-                            trainable,
-                        )?,
-                    });
+                    experts.push(Mlp::load(ck, &ep, names, mi, hs, cfg.mlp_bias, trainable)?);
                 }
                 FeedForward::Moe(Moe {
                     router: load_linear(
@@ -366,33 +381,15 @@ impl CausalLm {
                     norm_topk_prob: m.norm_topk_prob,
                 })
             } else {
-                let mi = cfg.intermediate_size;
-                FeedForward::Dense(Mlp {
-                    gate_proj: load_linear(
-                        ck,
-                        &format!("{p}.mlp.gate_proj"),
-                        mi,
-                        hs,
-                        cfg.mlp_bias,
-                        trainable,
-                    )?,
-                    up_proj: load_linear(
-                        ck,
-                        &format!("{p}.mlp.up_proj"),
-                        mi,
-                        hs,
-                        cfg.mlp_bias,
-                        trainable,
-                    )?,
-                    down_proj: load_linear(
-                        ck,
-                        &format!("{p}.mlp.down_proj"),
-                        hs,
-                        mi,
-                        cfg.mlp_bias,
-                        trainable,
-                    )?,
-                })
+                FeedForward::Dense(Mlp::load(
+                    ck,
+                    &format!("{p}.mlp"),
+                    ["gate_proj", "up_proj", "down_proj"],
+                    cfg.intermediate_size,
+                    hs,
+                    cfg.mlp_bias,
+                    trainable,
+                )?)
             };
             layers.push(Layer {
                 input_layernorm: RmsNorm::load(
