@@ -174,28 +174,9 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn train_table(a: TrainArgs) -> Result<()> {
-    let tmp;
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => {
-            tmp =
-                std::env::temp_dir().join(format!("align-bench-{}-{}", a.size, std::process::id()));
-            let s = size(&a.size).with_context(|| format!("unknown --size {}", a.size))?;
-            init_model(&InitOptions {
-                family: Family::Llama,
-                size: s,
-                vocab_size: a.vocab,
-                bos_token_id: Some(1),
-                eos_token_id: Some(2),
-                pad_token_id: Some(0),
-                seed: 0,
-                tie_word_embeddings: false,
-                max_position_embeddings: a.seq_len.max(2048),
-                dtype: DType::F32,
-                out: &tmp,
-            })?;
-            tmp.clone()
-        }
+        None => random_model(&a.size, a.vocab, a.seq_len.max(2048))?,
     };
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
