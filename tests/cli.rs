@@ -53,24 +53,28 @@ fn dpo_args(out: &Path, steps: u32) -> Vec<String> {
 #[test]
 fn logprobs_writes_one_line_per_pair() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("lp.jsonl");
-    run_ok(
-        align()
-            .args(["logprobs", "--model"])
-            .arg(fx("models/qwen2"))
-            .arg("--adapter")
-            .arg(fx("adapters/qwen2"))
-            .arg("--data")
-            .arg(fx("pairs.parquet"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--batch-size", "3"]),
-    );
-    let text = std::fs::read_to_string(&out).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // `align logprobs` on the qwen2 fixture with its adapter; the JSON lines it wrote
+    let logprobs = |batch_size: &str| -> Vec<serde_json::Value> {
+        let out = dir.path().join(format!("lp-{batch_size}.jsonl"));
+        run_ok(
+            align()
+                .args(["logprobs", "--model"])
+                .arg(fx("models/qwen2"))
+                .arg("--adapter")
+                .arg(fx("adapters/qwen2"))
+                .arg("--data")
+                .arg(fx("pairs.parquet"))
+                .arg("--out")
+                .arg(&out)
+                .args(["--batch-size", batch_size]),
+        );
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let lines = logprobs("3");
     assert_eq!(lines.len(), 4);
     for l in &lines {
         for k in ["chosen_logp", "rejected_logp"] {
@@ -82,24 +86,7 @@ fn logprobs_writes_one_line_per_pair() {
         }
     }
     // batching must not change the numbers
-    let out1 = dir.path().join("lp1.jsonl");
-    run_ok(
-        align()
-            .args(["logprobs", "--model"])
-            .arg(fx("models/qwen2"))
-            .arg("--adapter")
-            .arg(fx("adapters/qwen2"))
-            .arg("--data")
-            .arg(fx("pairs.parquet"))
-            .arg("--out")
-            .arg(&out1)
-            .args(["--batch-size", "1"]),
-    );
-    let single: Vec<serde_json::Value> = std::fs::read_to_string(&out1)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let single = logprobs("1");
     for (a, b) in lines.iter().zip(&single) {
         assert!(
             (a["chosen_logp"].as_f64().unwrap() - b["chosen_logp"].as_f64().unwrap()).abs() < 1e-3

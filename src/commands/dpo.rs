@@ -450,6 +450,19 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => PreferenceStream::open(&src, opts, template.as_ref())?,
     };
+    let eval_on = |policy: &Policy, es: &align_datasets::Source| {
+        evaluate(
+            policy,
+            &reference,
+            es,
+            template.as_ref(),
+            &tok,
+            &trunc,
+            pad,
+            &s,
+            &dpo_cfg,
+        )
+    };
     let mut trunc_stats = TruncationStats::default();
     while trainer.step < steps {
         let mut batches = Vec::with_capacity(s.grad_accum);
@@ -472,17 +485,7 @@ pub fn run(args: Args) -> Result<()> {
         m.insert("epoch".into(), stream.cursor().epoch as f64);
         if trainer.should_eval() && trainer.step < steps {
             if let Some(es) = &eval_src {
-                m.extend(evaluate(
-                    &trainer.policy,
-                    &reference,
-                    es,
-                    template.as_ref(),
-                    &tok,
-                    &trunc,
-                    pad,
-                    &s,
-                    &dpo_cfg,
-                )?);
+                m.extend(eval_on(&trainer.policy, es)?);
             }
         }
         trainer.log(&m)?;
@@ -503,17 +506,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut final_eval = Metrics::new();
     if let Some(es) = &eval_src {
-        final_eval = evaluate(
-            &trainer.policy,
-            &reference,
-            es,
-            template.as_ref(),
-            &tok,
-            &trunc,
-            pad,
-            &s,
-            &dpo_cfg,
-        )?;
+        final_eval = eval_on(&trainer.policy, es)?;
         trainer.log(&final_eval)?;
     }
     let dest = trainer.finish()?;
