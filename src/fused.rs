@@ -34,9 +34,8 @@ pub fn set_enabled(on: bool) {
 /// Whether the fused kernels are on (default; off with [`set_enabled`] or `ALIGN_NO_FUSED=1`).
 pub fn enabled() -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let env_off = *ENV.get_or_init(|| {
-        std::env::var("ALIGN_NO_FUSED").is_ok_and(|v| !v.is_empty() && v != "0")
-    });
+    let env_off = *ENV
+        .get_or_init(|| std::env::var("ALIGN_NO_FUSED").is_ok_and(|v| !v.is_empty() && v != "0"));
     !env_off && !DISABLED.load(Ordering::Relaxed)
 }
 
@@ -203,7 +202,10 @@ impl LmHeadLogps {
                     *z = s.to_f64();
                 });
         }
-        *self.lse.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))? = lse;
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = lse;
         Ok(out)
     }
 
@@ -235,16 +237,14 @@ impl LmHeadLogps {
             let logits = hc.matmul(&wt)?;
             let mut gl: Vec<T> = to_vec(&logits)?;
             drop(logits);
-            gl.par_chunks_mut(v)
-                .enumerate()
-                .for_each(|(i, row)| {
-                    let r = r0 + i;
-                    let (gi, s) = (g[r], T::of(lse[r]));
-                    for x in row.iter_mut() {
-                        *x = -(gi * (*x - s).exp());
-                    }
-                    row[self.targets[r] as usize] += gi;
-                });
+            gl.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                let r = r0 + i;
+                let (gi, s) = (g[r], T::of(lse[r]));
+                for x in row.iter_mut() {
+                    *x = -(gi * (*x - s).exp());
+                }
+                row[self.targets[r] as usize] += gi;
+            });
             let gl = Tensor::from_vec(gl, (rows, v), h.device())?;
             dh.push(gl.matmul(w)?);
             if want_dw {
@@ -451,8 +451,7 @@ impl CustomOp2 for RmsNorm {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, _h, t, d) = x.dims4()?;
     let (cb, ct, half) = cos.dims3()?;
-    if d % 2 != 0 || half * 2 != d || ct != t || (cb != 1 && cb != b) || sin.dims() != cos.dims()
-    {
+    if d % 2 != 0 || half * 2 != d || ct != t || (cb != 1 && cb != b) || sin.dims() != cos.dims() {
         candle_core::bail!(
             "rope: x {:?} with cos {:?} / sin {:?}",
             x.dims(),
@@ -530,7 +529,11 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, _h, t, s) = x.dims4()?;
     let (mb, one, mt, ms) = mask.dims4()?;
     if (mb != 1 && mb != b) || one != 1 || mt != t || ms != s {
-        candle_core::bail!("masked_softmax: scores {:?}, mask {:?}", x.dims(), mask.dims())
+        candle_core::bail!(
+            "masked_softmax: scores {:?}, mask {:?}",
+            x.dims(),
+            mask.dims()
+        )
     }
     x.contiguous()?.apply_op1(MaskedSoftmax {
         mask: mask.to_dtype(x.dtype())?.contiguous()?,

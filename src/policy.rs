@@ -212,11 +212,7 @@ impl Policy {
         }
         let (b, t) = batch.ids.dims2()?;
         let ids: Vec<u32> = batch.ids.flatten_all()?.to_vec1()?;
-        let mask: Vec<f64> = batch
-            .mask
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
+        let mask: Vec<f64> = batch.mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         if mask.len() != b * t.saturating_sub(1) {
             return Err(Error::Msg(format!(
                 "token batch: mask {:?} for ids {:?}",

@@ -22,7 +22,10 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn fixture() -> HashMap<String, Tensor> {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fused/fused.safetensors");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fused/fused.safetensors"
+    );
     candle_core::safetensors::load(p, &Device::Cpu).expect("fused fixture")
 }
 
@@ -51,7 +54,9 @@ fn check(fx: &HashMap<String, Tensor>, name: &str, y: &Tensor, inputs: &[(&str, 
     assert!(d < 1e-12, "{name}: value differs from PyTorch by {d}");
     let g = (y * c).unwrap().sum_all().unwrap().backward().unwrap();
     for (n, v) in inputs {
-        let got = g.get(v).unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+        let got = g
+            .get(v)
+            .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
         let d = max_diff(got, &fx[&format!("{name}.d{n}")]);
         assert!(d < 1e-12, "{name}: d{n} differs from PyTorch by {d}");
     }
@@ -125,7 +130,9 @@ fn finite_differences(name: &str, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Te
 
 fn randn(rng: &mut StdRng, shape: &[usize], scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0) * scale).collect();
+    let v: Vec<f64> = (0..n)
+        .map(|_| rng.random_range(-1.0..1.0) * scale)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -155,11 +162,9 @@ fn fused_kernels_match_finite_differences_in_f64() {
         (ang.cos().unwrap(), ang.sin().unwrap())
     };
     let c = randn(&mut rng, &[2, 2, 3, 4], 1.0);
-    finite_differences(
-        "rope",
-        &[randn(&mut rng, &[2, 2, 3, 4], 1.0)],
-        &|a| weighted(fused::rope(&a[0], &cos, &sin).unwrap(), &c),
-    );
+    finite_differences("rope", &[randn(&mut rng, &[2, 2, 3, 4], 1.0)], &|a| {
+        weighted(fused::rope(&a[0], &cos, &sin).unwrap(), &c)
+    });
     let mask = {
         let mut m = vec![0f64; 2 * 3 * 4];
         for b in 0..2 {
@@ -199,11 +204,7 @@ fn fused_kernels_reject_mismatched_shapes() {
 }
 
 fn pairs_batch(dtype: DType) -> TokenBatch {
-    let p1: Vec<u32> = vec![1, 5, 9, 13, 40, 41];
-    let c1: Vec<u32> = vec![22, 23, 60, 2];
-    let p2: Vec<u32> = vec![1, 7];
-    let c2: Vec<u32> = vec![30, 31, 32, 33, 34, 35, 2];
-    TokenBatch::from_pairs(&[(&p1, &c1), (&p2, &c2)], 0, dtype, &Device::Cpu).unwrap()
+    common::two_pairs(dtype)
 }
 
 /// Sequence log-probs and every trainable gradient, with the kernels on or off.
@@ -212,15 +213,18 @@ fn logps_and_grads(policy: &Policy, b: &TokenBatch, on: bool) -> (Vec<f64>, Vec<
     let lp = policy.sequence_logps(b, Fwd::POLICY).unwrap();
     let tok = policy.token_logps(&b.ids, Fwd::POLICY).unwrap();
     let w = Tensor::new(&[1.0f64, -0.7], &Device::Cpu).unwrap();
-    let loss = ((&lp * &w).unwrap().sum_all().unwrap()
-        + (tok.sum_all().unwrap() * 0.01).unwrap())
-    .unwrap();
+    let loss = ((&lp * &w).unwrap().sum_all().unwrap() + (tok.sum_all().unwrap() * 0.01).unwrap())
+        .unwrap();
     let g = loss.backward().unwrap();
     fused::set_enabled(true);
     let grads = policy
         .trainable_vars()
         .iter()
-        .map(|(n, v)| g.get(v).unwrap_or_else(|| panic!("{n}: no gradient")).clone())
+        .map(|(n, v)| {
+            g.get(v)
+                .unwrap_or_else(|| panic!("{n}: no gradient"))
+                .clone()
+        })
         .collect();
     (lp.to_vec1().unwrap(), grads)
 }
@@ -228,7 +232,12 @@ fn logps_and_grads(policy: &Policy, b: &TokenBatch, on: bool) -> (Vec<f64>, Vec<
 #[test]
 fn fused_model_equals_the_composite_ops_lora_and_full() {
     let _g = lock();
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Qwen3Moe] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Qwen3Moe,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let dir = common::tiny_model(family, dir.path(), DType::F64);
         for mode in [
@@ -255,7 +264,10 @@ fn fused_model_equals_the_composite_ops_lora_and_full() {
             for (i, (x, y)) in g1.iter().zip(&g0).enumerate() {
                 let scale = 1.0 + max_diff(y, &y.zeros_like().unwrap());
                 let d = max_diff(x, y) / scale;
-                assert!(d < 1e-9, "{family:?} {mode:?} var {i}: gradient differs by {d}");
+                assert!(
+                    d < 1e-9,
+                    "{family:?} {mode:?} var {i}: gradient differs by {d}"
+                );
             }
         }
     }

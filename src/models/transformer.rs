@@ -621,12 +621,12 @@ impl CausalLm {
         let hs = h.index_select(&rows_t, 0)?;
         let head = &self.lm_head;
         let plain_head = head.bias.is_none() && (head.lora.is_none() || !fwd.adapters);
-        if plain_head && crate::fused::fusable(&hs) && head.weight.tensor().dtype() == hs.dtype()
-        {
+        if plain_head && crate::fused::fusable(&hs) && head.weight.tensor().dtype() == hs.dtype() {
             return crate::fused::lm_head_logps(&hs, head.weight.tensor(), targets);
         }
         let logits = head.forward(&hs, fwd)?;
-        let lp = crate::ops::log_softmax_last_dim(&logits.to_dtype(compute_dtype(logits.dtype()))?)?;
+        let lp =
+            crate::ops::log_softmax_last_dim(&logits.to_dtype(compute_dtype(logits.dtype()))?)?;
         let tg = Tensor::new(targets, &self.device)?.unsqueeze(1)?;
         lp.gather(&tg, 1)?.squeeze(1)
     }
