@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod convert;
 pub mod dpo;
 pub mod generate;
 pub mod grpo;
