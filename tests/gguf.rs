@@ -248,13 +248,14 @@ fn tmp() -> tempfile::TempDir {
 const FAMILIES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe"];
 
 /// Per-block bound on |dequantised - original| for a block of `range` = max - min (and
-/// `amax` = max |x|): half a quantisation step, with slack for the f16 scales.
+/// `amax` = max |x|): half a quantisation step, with slack for the f16 scales. Q4_0 and Q5_0
+/// map the signed extreme to -8 (-16), so the other end may be clamped by a whole step.
 fn block_bound(ty: GgmlDType, range: f32, amax: f32) -> f32 {
     let step = match ty {
         GgmlDType::Q8_0 => 2.0 * amax / 255.0,
         GgmlDType::Q4_1 => range / 15.0,
-        GgmlDType::Q4_0 => 2.0 * amax / 15.0,
-        GgmlDType::Q5_0 => 2.0 * amax / 31.0,
+        GgmlDType::Q4_0 => 2.0 * amax / 8.0,
+        GgmlDType::Q5_0 => 2.0 * amax / 16.0,
         GgmlDType::Q5_1 => range / 31.0,
         _ => unreachable!(),
     };
