@@ -265,7 +265,7 @@ fn short(v: &Value) -> String {
 pub fn permute_qk(t: &Tensor, heads: usize, inverse: bool) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::Msg(format!(
             "q/k permutation: {rows} rows do not split into {heads} heads of pairs"
         )));
@@ -285,12 +285,7 @@ pub fn permute_qk(t: &Tensor, heads: usize, inverse: bool) -> Result<Tensor> {
 /// (`attn_rot_embd`). `blk.N.ffn_*_exps` (stacked experts) map to the
 /// `{N}.mlp.experts.{E}.*` prefix; [`convert`] splits them.
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let top = [
-        ("token_embd.weight", "model.embed_tokens.weight"),
-        ("output_norm.weight", "model.norm.weight"),
-        ("output.weight", "lm_head.weight"),
-    ];
-    if let Some((_, h)) = top.iter().find(|(g, _)| *g == gguf) {
+    if let Some((_, h)) = TOP_NAMES.iter().find(|(g, _)| *g == gguf) {
         return Some(h.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
@@ -300,6 +295,13 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let hf = BLOCK_NAMES.iter().find(|(g, _)| *g == module)?.1;
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
+
+/// GGUF tensor names to Hugging Face's outside the layers.
+const TOP_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
 
 /// GGUF tensor name to Hugging Face's, inside `model.layers.N.` (llama.cpp's
 /// `gguf-py/gguf/tensor_mapping.py` for the supported architectures).
@@ -330,12 +332,7 @@ fn droppable(gguf: &str) -> bool {
 /// The GGUF name of a Hugging Face tensor (the inverse of [`hf_name`] for non-expert tensors);
 /// used to write GGUF files in tests.
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let top = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = top.iter().find(|(h, _)| *h == hf) {
+    if let Some((g, _)) = TOP_NAMES.iter().find(|(_, h)| *h == hf) {
         return Some(g.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;

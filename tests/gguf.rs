@@ -637,55 +637,73 @@ fn bad_files_are_errors_naming_the_key_or_tensor() {
             .unwrap_or_else(|| panic!("{name}: converted a broken file"));
         e.to_string()
     };
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.set_keys = vec![(
-        "general.architecture".into(),
-        Value::String("gemma2".into()),
-    )];
-    let e = case("arch", o);
-    assert!(
-        e.contains("general.architecture") && e.contains("gemma2"),
-        "{e}"
-    );
-
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.drop_keys = vec!["qwen3.block_count".into()];
-    let e = case("key", o);
-    assert!(e.contains("`qwen3.block_count` is missing"), "{e}");
-
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.set_keys = vec![("tokenizer.ggml.model".into(), Value::String("llama".into()))];
-    let e = case("spm", o);
-    assert!(
-        e.contains("tokenizer.ggml.model") && e.contains("llama"),
-        "{e}"
-    );
-
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.set_keys = vec![("tokenizer.ggml.pre".into(), Value::String("jais".into()))];
-    let e = case("pre", o);
-    assert!(
-        e.contains("tokenizer.ggml.pre") && e.contains("jais"),
-        "{e}"
-    );
-
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.set_keys = vec![("qwen3.embedding_length".into(), Value::String("64".into()))];
-    let e = case("type", o);
-    assert!(e.contains("qwen3.embedding_length"), "{e}");
-
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.drop_tensors = vec!["blk.1.ffn_up.weight".into()];
-    let e = case("missing", o);
-    assert!(e.contains("blk.1.ffn_up.weight"), "{e}");
-
-    let mut o = WriteOpts::new(GgmlDType::F32);
-    o.set_keys = vec![("tokenizer.ggml.eos_token_id".into(), Value::U32(100_000))];
-    let e = case("eos", o);
-    assert!(
-        e.contains("tokenizer.ggml.eos_token_id") && e.contains("100000"),
-        "{e}"
-    );
+    // (name, key set to a bad value, key dropped, tensor dropped, what the error names)
+    let s = |v: &str| Some(Value::String(v.into()));
+    let cases: [(
+        &str,
+        Option<(&str, Value)>,
+        Option<&str>,
+        Option<&str>,
+        &[&str],
+    ); 7] = [
+        (
+            "arch",
+            s("gemma2").map(|v| ("general.architecture", v)),
+            None,
+            None,
+            &["general.architecture", "gemma2"],
+        ),
+        (
+            "key",
+            None,
+            Some("qwen3.block_count"),
+            None,
+            &["`qwen3.block_count` is missing"],
+        ),
+        (
+            "spm",
+            s("llama").map(|v| ("tokenizer.ggml.model", v)),
+            None,
+            None,
+            &["tokenizer.ggml.model", "llama"],
+        ),
+        (
+            "pre",
+            s("jais").map(|v| ("tokenizer.ggml.pre", v)),
+            None,
+            None,
+            &["tokenizer.ggml.pre", "jais"],
+        ),
+        (
+            "type",
+            s("64").map(|v| ("qwen3.embedding_length", v)),
+            None,
+            None,
+            &["qwen3.embedding_length"],
+        ),
+        (
+            "missing",
+            None,
+            None,
+            Some("blk.1.ffn_up.weight"),
+            &["blk.1.ffn_up.weight"],
+        ),
+        (
+            "eos",
+            Some(("tokenizer.ggml.eos_token_id", Value::U32(100_000))),
+            None,
+            None,
+            &["tokenizer.ggml.eos_token_id", "100000"],
+        ),
+    ];
+    for (name, set, drop_key, drop_tensor, needles) in cases {
+        let mut o = WriteOpts::new(GgmlDType::F32);
+        o.set_keys = set.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        o.drop_keys = drop_key.into_iter().map(String::from).collect();
+        o.drop_tensors = drop_tensor.into_iter().map(String::from).collect();
+        let e = case(name, o);
+        assert!(needles.iter().all(|n| e.contains(n)), "{name}: {e}");
+    }
 
     // A truncated file and a file that is not GGUF at all.
     let good = d.path().join("good.gguf");
