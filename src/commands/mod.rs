@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod compare;
 pub mod convert;
 pub mod dpo;
 pub mod generate;
@@ -10,6 +11,7 @@ pub mod init;
 pub mod logprobs;
 pub mod merge;
 pub mod sft;
+pub mod sweep;
 pub mod tokenizer;
 
 use anyhow::{bail, Context, Result};
