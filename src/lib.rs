@@ -13,6 +13,7 @@ pub mod weights;
 pub use error::{Error, Result};
 pub mod commands;
 pub mod generate;
+pub mod gguf;
 pub mod init;
 pub mod peft;
 pub mod plot;

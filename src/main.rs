@@ -33,6 +33,8 @@ enum Command {
     Logprobs(commands::logprobs::Args),
     /// Merge a PEFT adapter into its base model and write a Hugging Face model folder.
     Merge(commands::merge::Args),
+    /// Convert a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder.
+    Convert(commands::convert::Args),
     /// Write a randomly initialised model in Hugging Face format.
     Init(commands::init::Args),
     /// Train a byte-level BPE tokenizer.
@@ -54,6 +56,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Merge(a) => commands::merge::run(a),
+        Command::Convert(a) => commands::convert::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Tokenizer(a) => commands::tokenizer::run(a),
         Command::Bench(a) => commands::bench::run(a),
