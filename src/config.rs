@@ -331,3 +331,87 @@ impl ModelConfig {
         inv
     }
 }
+
+/// The largest token id of a `tokenizer.json`: the model's vocabulary (a token → id map, or
+/// Unigram's list of pieces) and the added tokens. `None` when the file lists no tokens.
+pub fn tokenizer_max_id(text: &str) -> std::result::Result<Option<u64>, serde_json::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    struct MaxId(Option<u64>);
+    impl<'de> Deserialize<'de> for MaxId {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = MaxId;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a token -> id map or a list of pieces")
+                }
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> std::result::Result<MaxId, A::Error> {
+                    let mut max = None;
+                    while let Some((_, id)) = m.next_entry::<IgnoredAny, u64>()? {
+                        max = max.max(Some(id));
+                    }
+                    Ok(MaxId(max))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(
+                    self,
+                    mut s: A,
+                ) -> std::result::Result<MaxId, A::Error> {
+                    let mut n = 0u64;
+                    while s.next_element::<IgnoredAny>()?.is_some() {
+                        n += 1;
+                    }
+                    Ok(MaxId(n.checked_sub(1)))
+                }
+                fn visit_unit<E>(self) -> std::result::Result<MaxId, E> {
+                    Ok(MaxId(None))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    #[derive(Deserialize)]
+    struct Added {
+        id: u64,
+    }
+    #[derive(Deserialize)]
+    struct Model {
+        #[serde(default)]
+        vocab: Option<MaxId>,
+    }
+    #[derive(Deserialize)]
+    struct Tok {
+        #[serde(default)]
+        added_tokens: Vec<Added>,
+        model: Model,
+    }
+    let t: Tok = serde_json::from_str(text)?;
+    let vocab = t.model.vocab.and_then(|m| m.0);
+    Ok(t.added_tokens.iter().map(|a| a.id).max().max(vocab))
+}
+
+/// Refuses a model folder whose `vocab_size` (config.json) is not above every id of its
+/// `tokenizer.json`: such a model cannot embed those tokens, and would otherwise fail deep in
+/// the embedding lookup. Folders without a tokenizer.json, or with one the tokenizer loader
+/// will reject anyway, pass.
+pub fn check_tokenizer_vocab(dir: &Path, cfg: &ModelConfig) -> Result<()> {
+    let tok = dir.join("tokenizer.json");
+    let Ok(text) = std::fs::read_to_string(&tok) else {
+        return Ok(());
+    };
+    match tokenizer_max_id(&text) {
+        Ok(Some(max)) if max >= cfg.vocab_size as u64 => Err(Error::Config {
+            path: dir.join("config.json"),
+            msg: format!(
+                "vocab_size {} is too small for {}, whose largest token id is {max}: the embedding needs at least {} rows (does the tokenizer belong to this model?)",
+                cfg.vocab_size,
+                tok.display(),
+                max + 1
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
