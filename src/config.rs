@@ -194,6 +194,39 @@ impl ModelConfig {
             )));
         }
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+        // Sizes far beyond any real model are typos; refused here, they would otherwise make
+        // the loader reserve memory for them (and abort) before any tensor is compared.
+        let experts = c.num_experts.or(c.num_local_experts).unwrap_or(0);
+        for (key, v, max) in [
+            ("vocab_size", c.vocab_size, 1 << 24),
+            ("hidden_size", c.hidden_size, 1 << 18),
+            (
+                "intermediate_size",
+                c.intermediate_size.unwrap_or(0),
+                1 << 20,
+            ),
+            (
+                "moe_intermediate_size",
+                c.moe_intermediate_size.unwrap_or(0),
+                1 << 20,
+            ),
+            ("num_hidden_layers", c.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", c.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", num_kv_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+            ("num_experts", experts, 1 << 14),
+        ] {
+            if v > max {
+                return Err(bad(format!(
+                    "{key} {v} is larger than any model align can load (at most {max})"
+                )));
+            }
+        }
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "head_dim {head_dim} must be even and > 0 (rotary embeddings rotate pairs)"
+            )));
+        }
         let rope = c.rope_parameters.clone().or(c.rope_scaling.clone());
         let rope_theta = c
             .rope_theta
