@@ -611,8 +611,8 @@ fn absurd_model_sizes_in_config_json_are_refused() {
         ),
         (
             "num_attention_heads",
-            serde_json::json!(u32::MAX),
-            "num_attention_heads 4294967295 is larger",
+            serde_json::json!(u32::MAX - 1),
+            "num_attention_heads 4294967294 is larger",
         ),
         (
             "head_dim",
