@@ -222,7 +222,7 @@ impl ModelConfig {
                 )));
             }
         }
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head_dim {head_dim} must be even and > 0 (rotary embeddings rotate pairs)"
             )));

@@ -381,6 +381,31 @@ fn merge(tmp: &Path, model: &str, adapter: &Path) -> Run {
     )
 }
 
+/// One DPO step on the llama fixture, starting from `adapter`, into `out`.
+fn dpo_from_adapter(tmp: &Path, adapter: &Path, out: &Path) -> Run {
+    let (model, data) = (fx("models/llama"), fx("pairs.parquet"));
+    let (adapter, out) = (s(adapter), s(out));
+    run_in(
+        tmp,
+        &[
+            "dpo",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--init-adapter",
+            &adapter,
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            &out,
+        ],
+        LIMIT,
+    )
+}
+
 #[test]
 fn adapter_rank_disagreeing_with_tensors_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -396,24 +421,7 @@ fn adapter_rank_disagreeing_with_tensors_is_refused() {
     assert!(!tmp.path().join("merged").exists());
     // Training from it is refused before anything is written back.
     let out = tmp.path().join("dpo");
-    run_in(
-        tmp.path(),
-        &[
-            "dpo",
-            "--model",
-            &fx("models/llama"),
-            "--data",
-            &fx("pairs.parquet"),
-            "--init-adapter",
-            &s(&a),
-            "--steps",
-            "1",
-            "--out",
-            &s(&out),
-        ],
-        LIMIT,
-    )
-    .fails_with(&["lora_A.weight` has rank 4", "r = 8"]);
+    dpo_from_adapter(tmp.path(), &a, &out).fails_with(&["lora_A.weight` has rank 4", "r = 8"]);
     assert!(!out.join("adapter").exists());
     assert_eq!(snapshot(&a), before);
 }
@@ -452,26 +460,7 @@ fn adapter_rank_pattern_is_kept_when_written_back() {
     candle_core::safetensors::save(&t, &w).unwrap();
     merge(tmp.path(), &fx("models/llama"), &a).ok();
     let out = tmp.path().join("dpo");
-    run_in(
-        tmp.path(),
-        &[
-            "dpo",
-            "--model",
-            &fx("models/llama"),
-            "--data",
-            &fx("pairs.parquet"),
-            "--init-adapter",
-            &s(&a),
-            "--steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--out",
-            &s(&out),
-        ],
-        LIMIT,
-    )
-    .ok();
+    dpo_from_adapter(tmp.path(), &a, &out).ok();
     let saved: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
     )
