@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod lora;
 pub mod models;
 pub mod ops;

@@ -92,7 +92,11 @@ pub fn compute_dtype(dtype: DType) -> DType {
 }
 
 /// RMSNorm as in transformers: normalise in f32 (or f64), scale by the weight, cast back.
+/// f32/f64 on the CPU run the fused kernel [`crate::fused::rms_norm`] (same function).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::fusable(x) && weight.dtype() == x.dtype() {
+        return crate::fused::rms_norm(x, weight, eps);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(compute_dtype(dtype))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -117,7 +121,11 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary embedding with transformers' `rotate_half` layout.
 /// `x`: `[B, H, T, D]`; `cos`, `sin`: `[B or 1, T, D/2]` (per-sequence positions allowed).
+/// f32/f64 on the CPU run the fused kernel [`crate::fused::rope`].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::fused::fusable(x) {
+        return crate::fused::rope(x, cos, sin);
+    }
     let d = x.dim(D::Minus1)?;
     let half = d / 2;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?
@@ -135,6 +143,28 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// SiLU via `x * sigmoid(x)` with an explicit formula (differentiable in every dtype).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
+}
+
+/// The SwiGLU product `silu(gate) · up`; one fused op for f32/f64 on the CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::fused::fusable(gate) && up.dtype() == gate.dtype() {
+        return crate::fused::silu_mul(gate, up);
+    }
+    gate.silu()? * up
+}
+
+/// Attention probabilities `softmax(scale · scores + mask)` in the compute dtype, cast back to
+/// the scores' dtype; `scores [B, H, T, S]`, `mask [B or 1, 1, T, S]`. One fused op for f32/f64
+/// on the CPU.
+pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if crate::fused::fusable(scores) && mask.dtype() == scores.dtype() {
+        return crate::fused::masked_softmax(scores, mask, scale);
+    }
+    let dtype = scores.dtype();
+    let scores = (scores * scale)?
+        .to_dtype(compute_dtype(dtype))?
+        .broadcast_add(mask)?;
+    softmax_last_dim(&scores)?.to_dtype(dtype)
 }
 
 /// `y = x W^T + s · (x A^T) B^T` for a frozen `W [out, in]` and trainable `A [r, in]`,

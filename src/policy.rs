@@ -182,15 +182,96 @@ impl Policy {
         Ok(self.model.forward(ids_b_t, fwd)?)
     }
 
-    /// Per-token log-probs `[B, T-1]` of each next token.
+    /// Per-token log-probs `[B, T-1]` of each next token (the LM head fused with log-softmax
+    /// and the gather where [`CausalLm::target_logps`] can).
     pub fn token_logps(&self, ids_b_t: &Tensor, fwd: Fwd) -> Result<Tensor> {
-        let logits = self.model.forward(ids_b_t, fwd)?;
-        Ok(next_token_logps(&logits, ids_b_t)?)
+        if !crate::fused::enabled() {
+            let logits = self.model.forward(ids_b_t, fwd)?;
+            return Ok(next_token_logps(&logits, ids_b_t)?);
+        }
+        let (b, t) = ids_b_t.dims2()?;
+        let ids: Vec<u32> = ids_b_t.flatten_all()?.to_vec1()?;
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for bi in 0..b {
+            for j in 0..t.saturating_sub(1) {
+                rows.push((bi * t + j) as u32);
+                targets.push(ids[bi * t + j + 1]);
+            }
+        }
+        let lp = self.model.target_logps(ids_b_t, &rows, &targets, fwd)?;
+        Ok(lp.reshape((b, t.saturating_sub(1)))?)
     }
 
-    /// Sum of completion-token log-probs per sequence, `[B]`.
+    /// Sum of completion-token log-probs per sequence, `[B]` (mask-weighted). Only the masked
+    /// positions go through the LM head (prompt and padding rows never make logits), and each
+    /// sequence runs only up to its last target, in groups of similar length.
+    /// With the fused kernels off (`ALIGN_NO_FUSED=1`) every position makes logits, as before.
     pub fn sequence_logps(&self, batch: &TokenBatch, fwd: Fwd) -> Result<Tensor> {
-        let lp = self.token_logps(&batch.ids, fwd)?;
-        Ok((lp * &batch.mask)?.sum(1)?)
+        if !crate::fused::enabled() {
+            let lp = self.token_logps(&batch.ids, fwd)?;
+            return Ok((lp * &batch.mask)?.sum(1)?);
+        }
+        let (b, t) = batch.ids.dims2()?;
+        let ids: Vec<u32> = batch.ids.flatten_all()?.to_vec1()?;
+        let mask: Vec<f64> = batch.mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        if mask.len() != b * t.saturating_sub(1) {
+            return Err(Error::Msg(format!(
+                "token batch: mask {:?} for ids {:?}",
+                batch.mask.dims(),
+                batch.ids.dims()
+            )));
+        }
+        let cd = crate::ops::compute_dtype(self.dtype());
+        // The mask is causal, so a sequence is needed only up to its last target: the batch runs
+        // as groups of similar trimmed lengths (sorted, a group's shortest within 85% of its
+        // longest), so that trailing padding costs next to nothing.
+        let mut need = vec![0usize; b];
+        for (bi, n) in need.iter_mut().enumerate() {
+            let row = &mask[bi * (t - 1)..(bi + 1) * (t - 1)];
+            *n = row.iter().rposition(|&m| m != 0.0).map_or(0, |j| j + 1);
+        }
+        let mut order: Vec<usize> = (0..b).filter(|&i| need[i] > 0).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(need[i]));
+        if order.is_empty() {
+            return Ok(Tensor::zeros(b, cd, self.device())?);
+        }
+        let (mut lps, mut weights) = (Vec::new(), Vec::new());
+        let mut k = 0;
+        while k < order.len() {
+            let tg = need[order[k]];
+            let mut e = k + 1;
+            while e < order.len() && need[order[e]] * 100 >= tg * 85 {
+                e += 1;
+            }
+            let group = &order[k..e];
+            let (mut rows, mut targets) = (Vec::new(), Vec::new());
+            for (gi, &bi) in group.iter().enumerate() {
+                for j in 0..tg {
+                    let m = mask[bi * (t - 1) + j];
+                    if m != 0.0 {
+                        rows.push((gi * tg + j) as u32);
+                        targets.push(ids[bi * t + j + 1]);
+                        weights.push((bi, m));
+                    }
+                }
+            }
+            let sel: Vec<u32> = group.iter().map(|&i| i as u32).collect();
+            let gids = batch
+                .ids
+                .index_select(&Tensor::new(sel.as_slice(), self.device())?, 0)?
+                .narrow(1, 0, tg)?
+                .contiguous()?;
+            lps.push(self.model.target_logps(&gids, &rows, &targets, fwd)?);
+            k = e;
+        }
+        let lp = Tensor::cat(&lps, 0)?;
+        // per-sequence sums as one [B, N] x [N, 1] product with the mask weights
+        let n = weights.len();
+        let mut sel = vec![0f64; b * n];
+        for (i, &(bi, m)) in weights.iter().enumerate() {
+            sel[bi * n + i] = m;
+        }
+        let sel = Tensor::from_vec(sel, (b, n), self.device())?.to_dtype(lp.dtype())?;
+        Ok(sel.matmul(&lp.unsqueeze(1)?)?.squeeze(1)?)
     }
 }

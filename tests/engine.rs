@@ -20,11 +20,7 @@ const FAMILIES: [Family; 6] = [
 ];
 
 fn batch(dtype: DType) -> TokenBatch {
-    let p1: Vec<u32> = vec![1, 5, 9, 13, 40, 41];
-    let c1: Vec<u32> = vec![22, 23, 60, 2];
-    let p2: Vec<u32> = vec![1, 7];
-    let c2: Vec<u32> = vec![30, 31, 32, 33, 34, 35, 2];
-    TokenBatch::from_pairs(&[(&p1, &c1), (&p2, &c2)], 0, dtype, &Device::Cpu).unwrap()
+    common::two_pairs(dtype)
 }
 
 fn lora(r: usize) -> LoraConfig {

@@ -4,6 +4,11 @@
 //! model on random tokens, LoRA vs full fine-tuning, each in its own process so that peak
 //! memory (VmHWM) is its own. `benches/torch_train_step.py` runs the same step with PyTorch +
 //! PEFT for the side-by-side table in docs/benchmarks.md.
+//!
+//! `align bench dpo` runs real DPO steps (sigmoid, beta 0.1, AdamW, clipping at 1) on real
+//! preference pairs, tokenized as `align dpo` does; `--pairs-out` writes the exact token ids so
+//! that `benches/torch_dpo_step.py` repeats the identical work in PyTorch + PEFT
+//! (`scripts/bench-vs-torch.sh` runs both and prints the ratios).
 
 use super::DeviceArgs;
 use crate::config::Family;
@@ -12,7 +17,7 @@ use crate::lora::{Fwd, LoraConfig};
 use crate::policy::{Policy, TokenBatch, TrainMode};
 use align_algorithms::optim::{AdamW, AdamWConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -30,6 +35,8 @@ pub enum What {
     Train(TrainArgs),
     /// Generation throughput (tokens/s) at several batch sizes, KV cache on.
     Generate(GenArgs),
+    /// Real DPO steps on real pairs: s/step, tokens/s, peak RSS and the step-time spread.
+    Dpo(DpoArgs),
     /// (internal) one mode in this process; prints a JSON line.
     #[command(hide = true)]
     TrainOne(TrainArgs),
@@ -85,6 +92,49 @@ pub struct GenArgs {
     /// New tokens per sequence (EOS ignored).
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DpoArgs {
+    /// Model folder (Hugging Face layout: config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Preference parquet (prompt/chosen/rejected, HH-RLHF transcripts split as `align dpo`
+    /// does, or chat messages); pairs are taken in file order.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// LoRA rank (alpha 32, every linear layer); ignored with --full.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Full fine-tuning (reference = a frozen copy) instead of LoRA (reference = adapters off).
+    #[arg(long)]
+    pub full: bool,
+    /// DPO steps to run, the first --warmup of them untimed in the summary.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Steps excluded from the summary (allocator and page-cache warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Preference pairs per step (each a chosen and a rejected sequence).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Longest prompt + completion, in tokens (TRL's max_length).
+    #[arg(long, default_value_t = 256)]
+    pub max_length: usize,
+    /// Longest prompt, in tokens (TRL's max_prompt_length).
+    #[arg(long, default_value_t = 128)]
+    pub max_prompt_length: usize,
+    /// Learning rate [default: 1e-5 with LoRA, 1e-6 with --full].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Write the tokenized pairs of every step as JSON (for benches/torch_dpo_step.py).
+    #[arg(long)]
+    pub pairs_out: Option<PathBuf>,
+    /// Print the summary as one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -155,6 +205,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Train(a) => train_table(a),
         What::Generate(a) => generate_table(a),
+        What::Dpo(a) => dpo_bench(a),
         What::TrainOne(a) => train_one(a),
     }
 }
@@ -319,5 +370,194 @@ fn train_one(a: TrainArgs) -> Result<()> {
             "step_s": times[times.len() / 2], "peak_rss_mb": peak_rss_mb(),
         })
     );
+    Ok(())
+}
+
+/// Median of a non-empty slice (the mean of the middle two for an even count, as Python's
+/// `statistics.median`).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn dpo_bench(a: DpoArgs) -> Result<()> {
+    use super::common::{next_batch, pair_batch, source};
+    use align_algorithms::dpo::{dpo_loss, DpoConfig, DpoInputs};
+    use align_algorithms::optim::clip_grad_norm;
+    use align_datasets::{
+        PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
+    };
+    if a.steps <= a.warmup {
+        bail!("--steps {} must exceed --warmup {}", a.steps, a.warmup);
+    }
+    let device = a.dev.device()?;
+    let dtype = a.dev.dtype()?;
+    let mode = if a.full {
+        TrainMode::Full
+    } else {
+        TrainMode::Lora(LoraConfig {
+            r: a.rank,
+            alpha: 32.0,
+            ..Default::default()
+        })
+    };
+    let policy = Policy::load(&a.model, mode, dtype, &device)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let reference = if a.full {
+        Some(Policy::load(&a.model, TrainMode::Frozen, dtype, &device)?)
+    } else {
+        None
+    };
+    let tok = TokenizerBundle::from_dir(&a.model)
+        .with_context(|| format!("loading the tokenizer of {}", a.model.display()))?;
+    let trunc = TruncationOptions {
+        max_prompt_length: Some(a.max_prompt_length),
+        max_length: Some(a.max_length),
+    };
+    let src = source(&a.data)?;
+    let opts = StreamOptions {
+        shuffle: false,
+        loop_epochs: true,
+        ..Default::default()
+    };
+    let mut stream = PreferenceStream::open(&src, opts, tok.chat_template.as_ref())?;
+    let mut stats = TruncationStats::default();
+    let mut batches = Vec::with_capacity(a.steps);
+    for step in 0..a.steps {
+        let b = next_batch(&mut stream, &tok, &trunc, &mut stats, a.batch_size)?
+            .with_context(|| format!("{:?}: no usable pair for step {}", a.data, step + 1))?;
+        batches.push(b.pairs);
+    }
+    if let Some(p) = &a.pairs_out {
+        let steps: Vec<serde_json::Value> = batches
+            .iter()
+            .map(|pairs| {
+                serde_json::Value::Array(
+                    pairs
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({"prompt": p.prompt_ids, "chosen": p.chosen_ids,
+                                "rejected": p.rejected_ids})
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        std::fs::write(
+            p,
+            serde_json::to_vec(&serde_json::json!({"pad": tok.pad_id(), "steps": steps}))?,
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let lr = a.lr.unwrap_or(if a.full { 1e-6 } else { 1e-5 });
+    let vars = policy.trainable_vars();
+    let var_refs: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(
+        vars,
+        AdamWConfig {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let cfg = DpoConfig::default();
+    let pad = tok.pad_id();
+    let (trainable, total) = policy.param_counts();
+    if !a.json {
+        println!(
+            "bench dpo: {} ({:.1}M params), {}, {} steps of {} pairs, max length {}, {} ({}), {} threads",
+            a.model.display(),
+            total as f64 / 1e6,
+            if a.full {
+                "full fine-tuning".to_string()
+            } else {
+                format!("LoRA r={} alpha 32 ({trainable} trainable)", a.rank)
+            },
+            a.steps,
+            a.batch_size,
+            a.max_length,
+            a.dev.device,
+            a.dev.dtype,
+            rayon_threads()
+        );
+    }
+    let (mut times, mut toks) = (Vec::new(), Vec::new());
+    for (i, pairs) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        let b = pairs.len();
+        let tb = pair_batch(pairs, pad, &policy)?;
+        let logp = policy.sequence_logps(&tb, Fwd::POLICY.with_train(true))?;
+        let ref_logp = match &reference {
+            Some(r) => r.sequence_logps(&tb, Fwd::REFERENCE)?,
+            None => policy.sequence_logps(&tb, Fwd::REFERENCE)?,
+        }
+        .detach();
+        let inputs = DpoInputs {
+            policy_chosen_logp_B: &logp.narrow(0, 0, b)?,
+            policy_rejected_logp_B: &logp.narrow(0, b, b)?,
+            ref_chosen_logp_B: Some(&ref_logp.narrow(0, 0, b)?),
+            ref_rejected_logp_B: Some(&ref_logp.narrow(0, b, b)?),
+            chosen_len_B: None,
+            rejected_len_B: None,
+        };
+        let (loss, _) = dpo_loss(&inputs, &cfg)?;
+        let mut grads = loss.backward()?;
+        let refs: Vec<&Var> = var_refs.iter().collect();
+        clip_grad_norm(&mut grads, &refs, 1.0)?;
+        opt.step(&grads)?;
+        drop(grads);
+        device.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let n: usize = pairs
+            .iter()
+            .map(|p| 2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len())
+            .sum();
+        if !a.json {
+            println!(
+                "step {}/{}  {n} tokens  {dt:.3} s  loss {:.4}  rss {:.0} MB{}",
+                i + 1,
+                a.steps,
+                loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                peak_rss_mb(),
+                if i < a.warmup { "  (warm-up)" } else { "" }
+            );
+        }
+        if i >= a.warmup {
+            times.push(dt);
+            toks.push(n as f64);
+        }
+    }
+    let med = median(&times);
+    let slowest = times.iter().copied().fold(0.0, f64::max);
+    let tps = toks.iter().sum::<f64>() / times.iter().sum::<f64>();
+    // spread at comparable work: each step's time per token against the median time per token
+    let per_tok: Vec<f64> = times.iter().zip(&toks).map(|(t, n)| t / n).collect();
+    let per_tok_spread = per_tok.iter().copied().fold(0.0, f64::max) / median(&per_tok);
+    let rss = peak_rss_mb();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": "align", "mode": if a.full { "full" } else { "lora" },
+                "params": total, "trainable": trainable, "steps": times.len(),
+                "s_per_step": med, "tokens_per_s": tps, "peak_rss_mb": rss,
+                "slowest_over_median": slowest / med, "slowest_per_token_over_median": per_tok_spread,
+            })
+        );
+    } else {
+        println!(
+            "steps {}-{}: median {med:.3} s/step, {tps:.1} tokens/s, peak RSS {rss:.0} MB, \
+             slowest step {:.2}x the median ({per_tok_spread:.2}x per token)",
+            a.warmup + 1,
+            a.steps,
+            slowest / med
+        );
+    }
     Ok(())
 }

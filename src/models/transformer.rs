@@ -9,7 +9,7 @@
 use crate::config::{Family, ModelConfig};
 use crate::error::Result;
 use crate::lora::{Fwd, Linear, LoraConfig, Param};
-use crate::ops::{compute_dtype, rms_norm, rope, softmax_last_dim};
+use crate::ops::{attention_probs, compute_dtype, rms_norm, rope, silu_mul, softmax_last_dim};
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -116,9 +116,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
-        let g = self.gate_proj.forward(x, fwd)?.silu()?;
+        let g = self.gate_proj.forward(x, fwd)?;
         let u = self.up_proj.forward(x, fwd)?;
-        self.down_proj.forward(&(g * u)?, fwd)
+        self.down_proj.forward(&silu_mul(&g, &u)?, fwd)
     }
 }
 
@@ -260,10 +260,7 @@ impl Attention {
             (k, v)
         };
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let cd = compute_dtype(scores.dtype());
-        let scores = scores.to_dtype(cd)?.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = attention_probs(&q.matmul(&k.t()?)?, mask, scale)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out, fwd)
     }
@@ -586,16 +583,52 @@ impl CausalLm {
         self.norm.forward(&x)
     }
 
-    /// Logits `[B, T, V]` for a right-padded training batch (positions 0..T, causal mask).
-    pub fn forward(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
+    /// Hidden states `[B, T, hidden]` of a right-padded training batch (positions 0..T,
+    /// causal mask).
+    fn forward_batch(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
         let (b, t) = ids_b_t.dims2()?;
         let pos = Tensor::arange(0u32, t as u32, &self.device)?
             .unsqueeze(0)?
             .broadcast_as((b, t))?
             .contiguous()?;
         let mask = self.attention_mask(b, t, 0, None)?;
-        let h = self.forward_hidden(ids_b_t, &pos, &mask, None, fwd)?;
+        self.forward_hidden(ids_b_t, &pos, &mask, None, fwd)
+    }
+
+    /// Logits `[B, T, V]` for a right-padded training batch (positions 0..T, causal mask).
+    pub fn forward(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
+        let h = self.forward_batch(ids_b_t, fwd)?;
         self.lm_head.forward(&h, fwd)
+    }
+
+    /// `log p(targets[i] | ids[..=t_i])` at the flat positions `rows[i]` (`b * T + t`) of a
+    /// right-padded batch: `[N]`, in the compute dtype. Only those rows go through the LM head;
+    /// with a frozen or fully trainable head (no adapter, no bias) on the CPU in f32/f64, the
+    /// head, log-softmax and gather are one fused op that never holds the `[N, V]` logits
+    /// ([`crate::fused::lm_head_logps`]).
+    pub fn target_logps(
+        &self,
+        ids_b_t: &Tensor,
+        rows: &[u32],
+        targets: &[u32],
+        fwd: Fwd,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids_b_t.dims2()?;
+        let h = self
+            .forward_batch(ids_b_t, fwd)?
+            .reshape((b * t, self.cfg.hidden_size))?;
+        let rows_t = Tensor::new(rows, &self.device)?;
+        let hs = h.index_select(&rows_t, 0)?;
+        let head = &self.lm_head;
+        let plain_head = head.bias.is_none() && (head.lora.is_none() || !fwd.adapters);
+        if plain_head && crate::fused::fusable(&hs) && head.weight.tensor().dtype() == hs.dtype() {
+            return crate::fused::lm_head_logps(&hs, head.weight.tensor(), targets);
+        }
+        let logits = head.forward(&hs, fwd)?;
+        let lp =
+            crate::ops::log_softmax_last_dim(&logits.to_dtype(compute_dtype(logits.dtype()))?)?;
+        let tg = Tensor::new(targets, &self.device)?.unsqueeze(1)?;
+        lp.gather(&tg, 1)?.squeeze(1)
     }
 }
 

@@ -34,3 +34,18 @@ pub fn tiny_model(family: Family, dir: &Path, dtype: DType) -> PathBuf {
     .expect("init tiny model");
     out
 }
+
+/// Two right-padded (prompt, completion) sequences of different lengths (ids below 97).
+pub fn two_pairs(dtype: DType) -> align::policy::TokenBatch {
+    let p1: Vec<u32> = vec![1, 5, 9, 13, 40, 41];
+    let c1: Vec<u32> = vec![22, 23, 60, 2];
+    let p2: Vec<u32> = vec![1, 7];
+    let c2: Vec<u32> = vec![30, 31, 32, 33, 34, 35, 2];
+    align::policy::TokenBatch::from_pairs(
+        &[(&p1, &c1), (&p2, &c2)],
+        0,
+        dtype,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
