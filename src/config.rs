@@ -194,6 +194,39 @@ impl ModelConfig {
             )));
         }
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+        // Sizes far beyond any real model are typos; refused here, they would otherwise make
+        // the loader reserve memory for them (and abort) before any tensor is compared.
+        let experts = c.num_experts.or(c.num_local_experts).unwrap_or(0);
+        for (key, v, max) in [
+            ("vocab_size", c.vocab_size, 1 << 24),
+            ("hidden_size", c.hidden_size, 1 << 18),
+            (
+                "intermediate_size",
+                c.intermediate_size.unwrap_or(0),
+                1 << 20,
+            ),
+            (
+                "moe_intermediate_size",
+                c.moe_intermediate_size.unwrap_or(0),
+                1 << 20,
+            ),
+            ("num_hidden_layers", c.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", c.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", num_kv_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+            ("num_experts", experts, 1 << 14),
+        ] {
+            if v > max {
+                return Err(bad(format!(
+                    "{key} {v} is larger than any model align can load (at most {max})"
+                )));
+            }
+        }
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {head_dim} must be even and > 0 (rotary embeddings rotate pairs)"
+            )));
+        }
         let rope = c.rope_parameters.clone().or(c.rope_scaling.clone());
         let rope_theta = c
             .rope_theta
@@ -329,5 +362,89 @@ impl ModelConfig {
             }
         }
         inv
+    }
+}
+
+/// The largest token id of a `tokenizer.json`: the model's vocabulary (a token → id map, or
+/// Unigram's list of pieces) and the added tokens. `None` when the file lists no tokens.
+pub fn tokenizer_max_id(text: &str) -> std::result::Result<Option<u64>, serde_json::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    struct MaxId(Option<u64>);
+    impl<'de> Deserialize<'de> for MaxId {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = MaxId;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a token -> id map or a list of pieces")
+                }
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> std::result::Result<MaxId, A::Error> {
+                    let mut max = None;
+                    while let Some((_, id)) = m.next_entry::<IgnoredAny, u64>()? {
+                        max = max.max(Some(id));
+                    }
+                    Ok(MaxId(max))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(
+                    self,
+                    mut s: A,
+                ) -> std::result::Result<MaxId, A::Error> {
+                    let mut n = 0u64;
+                    while s.next_element::<IgnoredAny>()?.is_some() {
+                        n += 1;
+                    }
+                    Ok(MaxId(n.checked_sub(1)))
+                }
+                fn visit_unit<E>(self) -> std::result::Result<MaxId, E> {
+                    Ok(MaxId(None))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    #[derive(Deserialize)]
+    struct Added {
+        id: u64,
+    }
+    #[derive(Deserialize)]
+    struct Model {
+        #[serde(default)]
+        vocab: Option<MaxId>,
+    }
+    #[derive(Deserialize)]
+    struct Tok {
+        #[serde(default)]
+        added_tokens: Vec<Added>,
+        model: Model,
+    }
+    let t: Tok = serde_json::from_str(text)?;
+    let vocab = t.model.vocab.and_then(|m| m.0);
+    Ok(t.added_tokens.iter().map(|a| a.id).max().max(vocab))
+}
+
+/// Refuses a model folder whose `vocab_size` (config.json) is not above every id of its
+/// `tokenizer.json`: such a model cannot embed those tokens, and would otherwise fail deep in
+/// the embedding lookup. Folders without a tokenizer.json, or with one the tokenizer loader
+/// will reject anyway, pass.
+pub fn check_tokenizer_vocab(dir: &Path, cfg: &ModelConfig) -> Result<()> {
+    let tok = dir.join("tokenizer.json");
+    let Ok(text) = std::fs::read_to_string(&tok) else {
+        return Ok(());
+    };
+    match tokenizer_max_id(&text) {
+        Ok(Some(max)) if max >= cfg.vocab_size as u64 => Err(Error::Config {
+            path: dir.join("config.json"),
+            msg: format!(
+                "vocab_size {} is too small for {}, whose largest token id is {max}: the embedding needs at least {} rows (does the tokenizer belong to this model?)",
+                cfg.vocab_size,
+                tok.display(),
+                max + 1
+            ),
+        }),
+        _ => Ok(()),
     }
 }

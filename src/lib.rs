@@ -18,5 +18,6 @@ pub mod init;
 pub mod peft;
 pub mod plot;
 pub mod policy;
+pub mod process;
 pub mod rewards;
 pub mod trainer;

@@ -126,9 +126,113 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
         return Err(adapter_err(dir, "alpha_pattern is not supported"));
     }
     if c.r == 0 {
-        return Err(adapter_err(dir, "r must be at least 1"));
+        return Err(adapter_err(
+            dir,
+            format!("{CONFIG_FILE}: r must be at least 1"),
+        ));
+    }
+    if !c.lora_alpha.is_finite() || c.lora_alpha < 0.0 {
+        return Err(adapter_err(
+            dir,
+            format!(
+                "{CONFIG_FILE}: lora_alpha {} must be a finite number >= 0 (the LoRA scaling is lora_alpha / r)",
+                c.lora_alpha
+            ),
+        ));
+    }
+    if !(0.0..1.0).contains(&c.lora_dropout) {
+        return Err(adapter_err(
+            dir,
+            format!(
+                "{CONFIG_FILE}: lora_dropout {} must be in [0, 1)",
+                c.lora_dropout
+            ),
+        ));
+    }
+    for (key, v) in &c.rank_pattern {
+        if !matches!(v.as_u64(), Some(r) if r >= 1) {
+            return Err(adapter_err(
+                dir,
+                format!("{CONFIG_FILE}: rank_pattern `{key}` is {v}, not a rank >= 1"),
+            ));
+        }
+        pattern_regex(key).map_err(|e| adapter_err(dir, format!("{CONFIG_FILE}: {e}")))?;
     }
     Ok(c)
+}
+
+/// PEFT's matching of a `rank_pattern` key against a module path: the key, as a regular
+/// expression, must match the whole path or a dot-separated tail of it (`(.*\.)?(KEY)$`).
+fn pattern_regex(key: &str) -> std::result::Result<tokenizers::utils::SysRegex, String> {
+    tokenizers::utils::SysRegex::new(&format!(r"\A(?:.*\.)?(?:{key})\z"))
+        .map_err(|e| format!("rank_pattern key `{key}` is not a valid pattern: {e}"))
+}
+
+/// The rank `adapter_config.json` gives a module: the first matching `rank_pattern` entry
+/// (in sorted key order; PEFT takes the file's order, the same unless keys overlap), else
+/// `r`; with the key that decided it.
+fn configured_rank(cfg: &AdapterConfig, module: &str) -> (usize, Option<String>) {
+    for (key, v) in &cfg.rank_pattern {
+        let hit = pattern_regex(key)
+            .map(|re| re.find_iter(module).next().is_some())
+            .unwrap_or(false);
+        if hit {
+            if let Some(r) = v.as_u64() {
+                return (r as usize, Some(key.clone()));
+            }
+        }
+    }
+    (cfg.r, None)
+}
+
+/// The last path component of a model name or folder, lower-cased (`Qwen/Qwen3-0.6B` →
+/// `qwen3-0.6b`, `/data/models/llama/` → `llama`).
+fn model_name(s: &str) -> String {
+    s.trim_end_matches(['/', '\\'])
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or("")
+        .to_lowercase()
+}
+
+/// A warning when the adapter's `base_model_name_or_path` names another model than the one
+/// loaded: it matches when both are the same folder, or when its last component equals the
+/// loaded folder's name or the last component of `_name_or_path` in the model's config.json.
+pub fn base_model_mismatch(
+    cfg: &AdapterConfig,
+    model_dir: &Path,
+    model_raw: &serde_json::Value,
+) -> Option<String> {
+    let base = cfg.base_model_name_or_path.as_deref()?.trim();
+    if base.is_empty() {
+        return None;
+    }
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    if let (Some(a), Some(b)) = (canon(Path::new(base)), canon(model_dir)) {
+        if a == b {
+            return None;
+        }
+    }
+    let want = model_name(base);
+    let dir_name = canon(model_dir)
+        .as_deref()
+        .unwrap_or(model_dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let recorded = model_raw
+        .get("_name_or_path")
+        .and_then(|v| v.as_str())
+        .map(model_name)
+        .filter(|n| !n.is_empty());
+    if want == dir_name || recorded.as_deref() == Some(want.as_str()) {
+        return None;
+    }
+    Some(format!(
+        "the adapter was made for `{base}` (base_model_name_or_path in {CONFIG_FILE}), but the model loaded is {}{}; its shapes fit, so it is used, but check that this is the right pair",
+        model_dir.display(),
+        recorded.map(|r| format!(" (`_name_or_path` {r})")).unwrap_or_default()
+    ))
 }
 
 /// Load a PEFT adapter onto a policy's base model, replacing any adapters it had.
@@ -175,6 +279,9 @@ pub fn load_adapter(policy: &mut Policy, dir: &Path) -> Result<AdapterConfig> {
             format!("{WEIGHTS_FILE} holds no LoRA tensors"),
         ));
     }
+    if let Some(w) = base_model_mismatch(&cfg, &policy.dir, &policy.model.cfg.raw) {
+        eprintln!("warning: adapter {}: {w}", dir.display());
+    }
     let scale = cfg.scaling();
     let mut linears: HashMap<String, &mut Linear> = policy
         .model
@@ -196,13 +303,14 @@ pub fn load_adapter(policy: &mut Policy, dir: &Path) -> Result<AdapterConfig> {
         let b =
             b.ok_or_else(|| adapter_err(dir, format!("`{module}` has lora_A but no lora_B")))?;
         let r = a.dims().first().copied().unwrap_or(0);
-        if r == 0 {
-            // A rank-0 pair would be scaled by alpha / 0 and turn every weight it touches into NaN.
+        let (want_r, by) = configured_rank(&cfg, &module);
+        if r != want_r {
             return Err(adapter_err(
                 dir,
                 format!(
-                    "tensor `{PREFIX}{module}.lora_A.weight` has shape {:?}: the LoRA rank (its first dimension) must be at least 1",
-                    a.dims()
+                    "tensor `{PREFIX}{module}.lora_A.weight` has rank {r} (shape {:?}), but {CONFIG_FILE} gives this module r = {want_r}{}",
+                    a.dims(),
+                    by.map(|k| format!(" (rank_pattern `{k}`)")).unwrap_or_default()
                 ),
             ));
         }
@@ -273,8 +381,14 @@ pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
     };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut targets: Vec<String> = Vec::new();
+    // Modules whose rank is not `r` (an --init-adapter with a rank_pattern) keep it by name.
+    let mut rank_pattern = BTreeMap::new();
     for lin in policy.model.linears() {
         if let Some(l) = &lin.lora {
+            let rank = l.a.as_tensor().dims().first().copied().unwrap_or(0);
+            if rank != lc.r {
+                rank_pattern.insert(lin.path.clone(), serde_json::json!(rank));
+            }
             tensors.insert(
                 format!("{PREFIX}{}.lora_A.weight", lin.path),
                 l.a.as_tensor().clone(),
@@ -303,7 +417,7 @@ pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
         fan_in_fan_out: false,
         use_dora: false,
         modules_to_save: None,
-        rank_pattern: BTreeMap::new(),
+        rank_pattern,
         alpha_pattern: BTreeMap::new(),
         inference_mode: true,
         init_lora_weights: serde_json::json!(true),

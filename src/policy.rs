@@ -84,6 +84,7 @@ impl Policy {
     /// Load a Hugging Face model folder.
     pub fn load(dir: &Path, mode: TrainMode, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        crate::config::check_tokenizer_vocab(dir, &cfg)?;
         let ck = Checkpoint::open(dir, cfg.family.name(), dtype, device)?;
         let mut model = CausalLm::load(&cfg, &ck, mode == TrainMode::Full)?;
         if let TrainMode::Lora(lc) = &mode {

@@ -22,13 +22,15 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::Fwd;
 use crate::models::CausalLm;
+use crate::process::GroupChild;
 use crate::weights::Checkpoint;
 use align_datasets::TokenizerBundle;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use tokenizers::utils::SysRegex;
 
 /// One item to score.
@@ -60,6 +62,8 @@ pub struct RewardOptions {
     pub reward_model: Option<PathBuf>,
     /// Shell command for `command`.
     pub command: Option<String>,
+    /// Seconds the command may take per batch [default: DEFAULT_COMMAND_TIMEOUT_S].
+    pub command_timeout: Option<f64>,
     pub device: Option<Device>,
     pub dtype: Option<DType>,
 }
@@ -118,10 +122,10 @@ fn build_one(name: &str, o: &RewardOptions) -> Result<Box<dyn RewardFn>> {
                 o.device.as_ref().unwrap_or(&Device::Cpu),
             )?)
         }
-        "command" => Box::new(CommandReward::spawn(&need(
-            &o.command,
-            "--reward-command",
-        )?)?),
+        "command" => Box::new(CommandReward::new(
+            &need(&o.command, "--reward-command")?,
+            o.command_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT_S),
+        )?),
         other => {
             return Err(Error::Msg(format!(
                 "unknown reward `{other}` (one of {REWARD_NAMES})"
@@ -360,6 +364,7 @@ impl RewardModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let mut cfg = ModelConfig::from_file(&cfg_path)?;
+        crate::config::check_tokenizer_vocab(dir, &cfg)?;
         let hidden = cfg.hidden_size;
         // The classification checkpoint has no lm_head: load the decoder as if tied (the head is
         // never used).
@@ -489,97 +494,193 @@ impl RewardFn for RewardModel {
     }
 }
 
-/// An external verifier, spawned once with `sh -c CMD`. For each item align writes one JSON
-/// line `{"prompt": …, "completion": …, "refs": {…}}` to its stdin and reads one line
-/// `{"reward": <number>}` from its stdout (a bare number is accepted too). The process must
-/// answer every line before the next is sent and flush its output. stderr is passed through.
+/// Seconds a reward command may take for one batch unless `--reward-timeout` says otherwise.
+pub const DEFAULT_COMMAND_TIMEOUT_S: f64 = 600.0;
+/// Longest answer line read from a reward command.
+const MAX_ANSWER_BYTES: u64 = 1 << 20;
+
+/// An external verifier, run as `sh -c CMD` once per batch. It reads one JSON line per item,
+/// `{"prompt": …, "completion": …, "refs": {…}}`, on its stdin, which is closed after the last
+/// item; it must print exactly one answer line per item, in order — `{"reward": <number>}` or a
+/// bare number — and exit with status 0, all within the timeout. align writes and reads at the
+/// same time, so a verifier may answer line by line or read everything first. Too few or too
+/// many answers, an unreadable answer, a non-zero exit or the timeout is an error naming the
+/// item; the command's whole process group is killed on every exit path (see
+/// [`crate::process`]). stderr is passed through.
 pub struct CommandReward {
     cmd: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    sent: u64,
+    timeout: Duration,
+    batches: u64,
+}
+
+/// What the reader thread reports: one answer line, the end of the output, or a read error.
+enum Answer {
+    Line(String),
+    End,
+    Failed(String),
 }
 
 impl CommandReward {
-    pub fn spawn(cmd: &str) -> Result<Self> {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| Error::Msg(format!("starting reward command `{cmd}`: {e}")))?;
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(
-            child
-                .stdout
-                .take()
-                .ok_or_else(|| Error::Msg("reward command: no stdout".into()))?,
-        );
+    pub fn new(cmd: &str, timeout_s: f64) -> Result<Self> {
+        if !(timeout_s.is_finite() && timeout_s > 0.0) {
+            return Err(Error::Msg(format!(
+                "--reward-timeout must be a positive number of seconds, got {timeout_s}"
+            )));
+        }
+        if cmd.trim().is_empty() {
+            return Err(Error::Msg("--reward-command is empty".into()));
+        }
         Ok(CommandReward {
             cmd: cmd.to_string(),
-            child,
-            stdin,
-            stdout,
-            sent: 0,
+            timeout: Duration::from_secs_f64(timeout_s),
+            batches: 0,
         })
     }
 
-    fn one(&mut self, x: &RewardInput) -> Result<f32> {
-        let line = serde_json::json!({
-            "prompt": x.prompt,
-            "completion": x.completion,
-            "refs": x.refs,
+    fn run_batch(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>> {
+        self.batches += 1;
+        let n = batch.len();
+        let (cmd, nb) = (self.cmd.clone(), self.batches);
+        let fail = |what: String| Error::Msg(format!("reward command `{cmd}`, batch {nb}: {what}"));
+        let item = |i: usize| -> String {
+            let short = |t: &str| {
+                let mut s: String = t.chars().take(40).collect();
+                if s.len() < t.len() {
+                    s.push('…');
+                }
+                s
+            };
+            format!(
+                "item {} of {n} (prompt {:?}, completion {:?})",
+                i + 1,
+                short(batch[i].prompt),
+                short(batch[i].completion)
+            )
+        };
+        let mut input = Vec::new();
+        for x in batch {
+            let line = serde_json::json!({
+                "prompt": x.prompt,
+                "completion": x.completion,
+                "refs": x.refs,
+            });
+            input.extend_from_slice(line.to_string().as_bytes());
+            input.push(b'\n');
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut child = GroupChild::spawn_shell(&self.cmd)
+            .map_err(|e| fail(format!("cannot start it: {e}")))?;
+        let stdin = child.take_stdin();
+        let stdout = child
+            .take_stdout()
+            .ok_or_else(|| fail("no stdout pipe".into()))?;
+        // Writing from a thread: a verifier that reads everything before answering, or that
+        // answers while align is still writing, never waits on a full pipe.
+        if let Some(mut stdin) = stdin {
+            std::thread::spawn(move || {
+                // A verifier may exit without reading all its input; the answers decide.
+                let _ = stdin.write_all(&input);
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            loop {
+                let mut buf = Vec::new();
+                let msg = match (&mut r).take(MAX_ANSWER_BYTES).read_until(b'\n', &mut buf) {
+                    Ok(0) => Answer::End,
+                    Ok(_) if buf.last() != Some(&b'\n') && buf.len() as u64 >= MAX_ANSWER_BYTES => {
+                        Answer::Failed(format!(
+                            "an answer line is longer than {MAX_ANSWER_BYTES} bytes"
+                        ))
+                    }
+                    Ok(_) => Answer::Line(
+                        String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string(),
+                    ),
+                    Err(e) => Answer::Failed(format!("reading its output: {e}")),
+                };
+                let last = !matches!(msg, Answer::Line(_));
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            }
         });
-        let cmd = self.cmd.clone();
-        let n = self.sent + 1;
-        let died = |what: String| Error::Msg(format!("reward command `{cmd}`, item {n}: {what}"));
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| died("stdin closed".into()))?;
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .map_err(|e| died(format!("writing to it failed ({e}); did it exit?")))?;
-        self.sent += 1;
-        let mut answer = String::new();
-        let read = self
-            .stdout
-            .read_line(&mut answer)
-            .map_err(|e| died(format!("reading its answer: {e}")))?;
-        if read == 0 {
-            let status = self
-                .child
-                .try_wait()
-                .ok()
-                .flatten()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "still running".into());
-            return Err(died(format!(
-                "it closed its output without answering ({status})"
+        let mut answers: Vec<String> = Vec::with_capacity(n);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Answer::Line(l)) if answers.len() == n => {
+                    return Err(fail(format!(
+                        "it printed more than {n} answer lines for {n} items (extra line {:?}); each item takes exactly one line",
+                        l.chars().take(80).collect::<String>()
+                    )));
+                }
+                Ok(Answer::Line(l)) => answers.push(l),
+                Ok(Answer::End) => break,
+                Ok(Answer::Failed(e)) => return Err(fail(e)),
+                Err(_) => {
+                    return Err(fail(format!(
+                        "no complete answer within --reward-timeout {}s ({} of {n} items answered); its process group was killed",
+                        self.timeout.as_secs_f64(),
+                        answers.len()
+                    )))
+                }
+            }
+        }
+        let exited = child.wait_exit_until(deadline);
+        let status = child
+            .finish()
+            .map_err(|e| fail(format!("waiting for it: {e}")))?;
+        if !exited {
+            return Err(fail(format!(
+                "it closed its output but did not exit within --reward-timeout {}s; its process group was killed",
+                self.timeout.as_secs_f64()
             )));
         }
-        let v: serde_json::Value = serde_json::from_str(answer.trim()).map_err(|e| {
-            died(format!(
-                "answer {:?} is not JSON ({e}); expected {{\"reward\": number}}",
-                answer.trim()
-            ))
-        })?;
-        let r = match &v {
-            serde_json::Value::Number(n) => n.as_f64(),
-            serde_json::Value::Object(o) => o.get("reward").and_then(|r| r.as_f64()),
-            _ => None,
+        if answers.len() < n {
+            return Err(fail(format!(
+                "{} got no answer: the command answered {} of {n} items and exited ({status})",
+                item(answers.len()),
+                answers.len()
+            )));
         }
-        .ok_or_else(|| {
-            died(format!(
-                "answer {:?} has no numeric `reward`",
-                answer.trim()
-            ))
-        })?;
-        Ok(r as f32)
+        if !status.success() {
+            return Err(fail(format!(
+                "it exited with {status} (after answering all {n} items); a verifier must exit with status 0"
+            )));
+        }
+        answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| parse_answer(a).map_err(|e| fail(format!("{}: {e}", item(i)))))
+            .collect()
     }
+}
+
+/// One answer line: `{"reward": x}` or a bare number, finite.
+fn parse_answer(a: &str) -> std::result::Result<f32, String> {
+    let v: serde_json::Value = serde_json::from_str(a.trim()).map_err(|e| {
+        format!(
+            "answer {:?} is not JSON ({e}); expected {{\"reward\": number}}",
+            a.trim()
+        )
+    })?;
+    let r = match &v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::Object(o) => o.get("reward").and_then(|r| r.as_f64()),
+        _ => None,
+    }
+    .ok_or_else(|| format!("answer {:?} has no numeric `reward`", a.trim()))?;
+    let r32 = r as f32;
+    if !r32.is_finite() {
+        return Err(format!(
+            "answer {:?} is out of range for a reward",
+            a.trim()
+        ));
+    }
+    Ok(r32)
 }
 
 impl RewardFn for CommandReward {
@@ -587,22 +688,10 @@ impl RewardFn for CommandReward {
         "command".into()
     }
     fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>> {
-        batch.iter().map(|x| self.one(x)).collect()
-    }
-}
-
-impl Drop for CommandReward {
-    fn drop(&mut self) {
-        // Closing stdin lets a well-behaved verifier exit; then reap it (kill if it lingers).
-        self.stdin.take();
-        for _ in 0..20 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.run_batch(batch)
     }
 }
 
@@ -697,7 +786,7 @@ mod tests {
     #[test]
     fn external_command_json_lines() {
         let cmd = r#"while IFS= read -r l; do case "$l" in *yes*) echo '{"reward": 1.5}';; *) echo 0;; esac; done"#;
-        let mut c = CommandReward::spawn(cmd).unwrap();
+        let mut c = CommandReward::new(cmd, 10.0).unwrap();
         assert_eq!(score(&mut c, "yes!", "a"), 1.5);
         assert_eq!(score(&mut c, "no", "a"), 0.0);
         let refs = refs("z");
@@ -711,10 +800,10 @@ mod tests {
             .collect();
         assert_eq!(c.score(&xs).unwrap(), vec![1.5, 0.0, 1.5]);
         // a verifier that answers garbage or exits: clear errors, no panic
-        let mut bad = CommandReward::spawn("read l; echo nonsense").unwrap();
+        let mut bad = CommandReward::new("read l; echo nonsense", 10.0).unwrap();
         let e = bad.score(&xs[..1]).unwrap_err().to_string();
         assert!(e.contains("not JSON"), "{e}");
-        let mut gone = CommandReward::spawn("exit 3").unwrap();
+        let mut gone = CommandReward::new("exit 3", 10.0).unwrap();
         assert!(gone.score(&xs[..1]).is_err());
     }
 }

@@ -329,7 +329,8 @@ impl Engine {
         while unit < self.order.len() && (unit == start || rows < self.opts.shuffle_buffer) {
             let (f, rg) = self.order[unit];
             let mut file_row = self.files[f].rg_start[rg];
-            for b in self.open_unit(unit, 0)? {
+            let mut reader = self.open_unit(unit, 0)?;
+            while let Some(b) = next_batch(&mut reader) {
                 let b = b.map_err(|e| DatasetError::parquet(&self.files[f].path, e))?;
                 let n = b.num_rows();
                 if n > 0 {
@@ -408,7 +409,7 @@ impl Engine {
                             break Ok(true);
                         }
                     }
-                    match reader.next() {
+                    match next_batch(reader) {
                         None => break Ok(false),
                         Some(Ok(b)) => {
                             *batch = Some(b);
@@ -474,6 +475,42 @@ impl Engine {
                 }
                 _ => None,
             };
+        }
+    }
+}
+
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The next decoded batch of a reader. The parquet decoder panics on some corrupt pages
+/// (parquet 60: definition levels past the end of their buffer, found by
+/// `tests/fuzz.rs`); such a panic becomes an error for the file (the stream then ends),
+/// and its message is kept off stderr.
+fn next_batch(reader: &mut ParquetRecordBatchReader) -> Option<Result<RecordBatch, String>> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next()));
+    QUIET_PANICS.with(|q| q.set(false));
+    match r {
+        Ok(None) => None,
+        Ok(Some(Ok(b))) => Some(Ok(b)),
+        Ok(Some(Err(e))) => Some(Err(e.to_string())),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Some(Err(format!("corrupt data page ({what})")))
         }
     }
 }

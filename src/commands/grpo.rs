@@ -120,9 +120,12 @@ pub struct Args {
     /// Reward model folder (*ForSequenceClassification) for the `model` reward.
     #[arg(long)]
     pub reward_model: Option<PathBuf>,
-    /// External verifier for the `command` reward, run with `sh -c`.
+    /// External verifier for the `command` reward, run with `sh -c` once per batch: JSON lines in, then EOF; exactly one answer line per item, then exit 0.
     #[arg(long)]
     pub reward_command: Option<String>,
+    /// Seconds the reward command may take per batch; past that its process group is killed and the run stops [default: 600].
+    #[arg(long)]
+    pub reward_timeout: Option<f64>,
 
     /// Prompts sampled per generation batch [default: 4].
     #[arg(long)]
@@ -237,6 +240,8 @@ pub struct GrpoSettings {
     pub chars: Option<String>,
     pub reward_model: Option<PathBuf>,
     pub reward_command: Option<String>,
+    #[serde(default = "default_reward_timeout")]
+    pub reward_timeout: f64,
     pub prompts_per_step: usize,
     pub group_size: usize,
     pub max_new_tokens: usize,
@@ -275,11 +280,16 @@ pub struct GrpoSettings {
     pub dtype: String,
 }
 
+fn default_reward_timeout() -> f64 {
+    crate::rewards::DEFAULT_COMMAND_TIMEOUT_S
+}
+
 fn defaults() -> serde_json::Value {
     let mut a = serde_json::json!({
         "model": null, "prompts": null, "rollouts": null, "out": "runs/grpo",
         "reward": "gsm8k", "ref_column": null, "pattern": null, "chars": null,
         "reward_model": null, "reward_command": null,
+        "reward_timeout": crate::rewards::DEFAULT_COMMAND_TIMEOUT_S,
         "prompts_per_step": 4, "group_size": 8, "max_new_tokens": 256, "max_prompt_length": 512,
         "temperature": 1.0, "top_p": 1.0, "top_k": 0, "stop": [], "gen_batch_size": 0,
         "train_batch_size": 0, "num_iterations": 1, "beta": 0.0, "epsilon": 0.2,
@@ -703,6 +713,7 @@ pub fn train(s: GrpoSettings, resume_dir: Option<PathBuf>) -> Result<()> {
                 chars: s.chars.clone(),
                 reward_model: s.reward_model.clone(),
                 command: s.reward_command.clone(),
+                command_timeout: Some(s.reward_timeout),
                 device: Some(device.clone()),
                 dtype: Some(dtype),
             },
