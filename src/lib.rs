@@ -17,4 +17,6 @@ pub mod peft;
 pub mod plot;
 pub mod policy;
 pub mod rewards;
+pub mod table;
+pub mod train;
 pub mod trainer;

@@ -135,8 +135,8 @@ fn generate_table(a: GenArgs) -> Result<()> {
         "generation: prompt {} tokens, {} new tokens, {} ({}){}",
         a.prompt_len,
         a.new_tokens,
-        a.dev.device,
-        a.dev.dtype,
+        a.dev.device_name(),
+        a.dev.dtype_name(),
         if total > 0 {
             format!(", {:.1}M params", total as f64 / 1e6)
         } else {
@@ -196,7 +196,7 @@ fn train_table(a: TrainArgs) -> Result<()> {
                 "--steps",
                 &a.steps.to_string(),
             ])
-            .args(["--device", &a.dev.device, "--dtype", &a.dev.dtype])
+            .args(["--device", a.dev.device_name(), "--dtype", a.dev.dtype_name()])
             .output()?;
         if !out.status.success() {
             bail!(
@@ -215,8 +215,8 @@ fn train_table(a: TrainArgs) -> Result<()> {
         "one training step: {} x {} tokens, {} ({}), {} threads",
         a.batch_size,
         a.seq_len,
-        a.dev.device,
-        a.dev.dtype,
+        a.dev.device_name(),
+        a.dev.dtype_name(),
         rayon_threads()
     );
     println!("| mode | params (M) | trainable | step time (s) | peak RSS (MB) |");
