@@ -81,7 +81,10 @@ impl ParquetTable {
     pub fn open(path: &Path, columns: &[String]) -> Result<Self> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
-            Error::Msg(format!("{}: not a readable parquet file: {e}", path.display()))
+            Error::Msg(format!(
+                "{}: not a readable parquet file: {e}",
+                path.display()
+            ))
         })?;
         let schema = b.schema().clone();
         let reader = if columns.is_empty() {

@@ -7,13 +7,13 @@
 //! an algorithm's opaque `extra`: data cursor, RNG state...). It is written to a hidden temp
 //! folder and renamed into place, so a kill at any moment leaves the previous one usable.
 
+use crate::bail;
 use crate::error::{write_atomic, Error};
+use crate::error::{Context, Result};
 use crate::policy::{Policy, TrainMode};
 use align_algorithms::optim::{
     clip_grad_norm, AdamW, AdamWConfig, AdamWState, LrScheduleKind, LrScheduler,
 };
-use crate::bail;
-use crate::error::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -187,7 +187,7 @@ impl Trainer {
             self.nonfinite_skips += 1;
             self.progress.note(&format!(
                 "step {}: {what}; batch skipped (--skip-nonfinite)",
-                self.step + 1
+                self.step
             ));
             return Ok(StepOutcome::Skipped);
         }

@@ -60,6 +60,13 @@ fn strs(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// Replace the value of `flag` in `args`.
+fn set(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args.iter().position(|a| a == flag).expect("flag present");
+    args[i + 1] = value.to_string();
+    args
+}
+
 fn p(x: &Path) -> String {
     x.display().to_string()
 }
@@ -151,7 +158,7 @@ fn no_usable_row_is_an_error_not_a_hang() {
     let tmp = tempfile::tempdir().unwrap();
     // --max-length 1 leaves no room for any completion
     let o = align(
-        &dpo(&tmp.path().join("a"), 2, &["--max-length", "1"]),
+        &set(dpo(&tmp.path().join("a"), 2, &[]), "--max-length", "1"),
         120,
     );
     assert!(!o.ok);
@@ -190,12 +197,9 @@ fn write_pairs(path: &Path, rows: &[(&str, &str, &str)]) {
                 .collect::<Vec<_>>(),
         ))
     };
-    let batch = RecordBatch::try_from_iter([
-        ("prompt", col(0)),
-        ("chosen", col(1)),
-        ("rejected", col(2)),
-    ])
-    .unwrap();
+    let batch =
+        RecordBatch::try_from_iter([("prompt", col(0)), ("chosen", col(1)), ("rejected", col(2))])
+            .unwrap();
     write_batch(path, &batch);
 }
 
@@ -227,7 +231,11 @@ fn fresh_run_into_an_existing_run_folder_is_refused() {
     let before = snapshot(&out);
     let o = align(&dpo(&out, 2, &[]), 120);
     assert!(!o.ok);
-    assert!(o.err.contains("--overwrite") && o.err.contains(&p(&out)), "{}", o.err);
+    assert!(
+        o.err.contains("--overwrite") && o.err.contains(&p(&out)),
+        "{}",
+        o.err
+    );
     let o = align(&dpo(&out, 0, &[]), 120);
     assert!(!o.ok && o.err.contains("`steps`"), "{}", o.err);
     // a run that fails (no such model) leaves the folder alone even with --overwrite:
@@ -236,7 +244,11 @@ fn fresh_run_into_an_existing_run_folder_is_refused() {
     bad[2] = "/nonexistent/model".into();
     let o = align(&bad, 120);
     assert!(!o.ok && o.err.contains("/nonexistent/model"), "{}", o.err);
-    assert_eq!(snapshot(&out), before, "a refused or failed run changed the run folder");
+    assert_eq!(
+        snapshot(&out),
+        before,
+        "a refused or failed run changed the run folder"
+    );
     let out2 = out.clone();
     // with --overwrite the folder is replaced by the new run: metrics are not appended
     assert!(align(&dpo(&out2, 3, &["--overwrite"]), 300).ok);
@@ -276,17 +288,21 @@ fn resume_writes_where_the_checkpoint_is() {
     // something else at the old path
     let mut sft = strs(&["sft", "--model"]);
     sft.extend([p(&fx("models/llama")), "--data".into(), p(&hh_sample())]);
-    sft.extend(strs(&["--steps", "2", "--batch-size", "2", "--rank", "2", "--out"]));
+    sft.extend(strs(&[
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--rank",
+        "2",
+        "--out",
+    ]));
     sft.push(p(&x));
     assert!(align(&sft, 300).ok);
     let other = snapshot(&x);
     std::fs::remove_dir_all(xc.join("adapter")).unwrap();
     let o = align(
-        &[
-            "dpo".into(),
-            "--resume".into(),
-            p(&xc.join("checkpoint-2")),
-        ],
+        &["dpo".into(), "--resume".into(), p(&xc.join("checkpoint-2"))],
         300,
     );
     assert!(o.ok, "{}", o.err);
@@ -348,11 +364,21 @@ fn learning_rates_that_are_not_numbers_are_refused() {
     std::fs::write(&cfg, "lr = nan\n").unwrap();
     for cmd in ["dpo", "sft"] {
         let o = align(
-            &[cmd.into(), "--config".into(), p(&cfg), "--out".into(), p(&tmp.path().join(cmd))],
+            &[
+                cmd.into(),
+                "--config".into(),
+                p(&cfg),
+                "--out".into(),
+                p(&tmp.path().join(cmd)),
+            ],
             60,
         );
         assert!(!o.ok);
-        assert!(o.err.contains("nan.toml") && o.err.contains("`lr`"), "{}", o.err);
+        assert!(
+            o.err.contains("nan.toml") && o.err.contains("`lr`"),
+            "{}",
+            o.err
+        );
     }
 }
 
@@ -376,7 +402,11 @@ fn resume_refuses_changes_that_alter_the_run_and_applies_steps() {
     assert_eq!(snapshot(&out), before, "a refused resume changed the run");
     let o = resume(&["--steps", "6", "--save-every", "2"]);
     assert!(o.ok, "{}", o.err);
-    assert!(o.err.contains("steps"), "the change should be reported: {}", o.err);
+    assert!(
+        o.err.contains("steps"),
+        "the change should be reported: {}",
+        o.err
+    );
     let steps: Vec<u64> = metric_lines(&out)
         .iter()
         .map(|l| l["step"].as_u64().unwrap())
@@ -406,14 +436,22 @@ fn config_errors_name_every_bad_key_and_the_file() {
 fn corrupt_optimizer_file_is_named_and_an_older_checkpoint_offered() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    assert!(align(
-        &dpo(&out, 4, &["--save-every", "2", "--save-total-limit", "0"]),
-        300
-    )
-    .ok);
+    assert!(
+        align(
+            &dpo(&out, 4, &["--save-every", "2", "--save-total-limit", "0"]),
+            300
+        )
+        .ok
+    );
     std::fs::write(out.join("checkpoint-4/optimizer.safetensors"), b"garbage").unwrap();
     let o = align(
-        &["dpo".into(), "--resume".into(), p(&out.join("checkpoint-4")), "--steps".into(), "5".into()],
+        &[
+            "dpo".into(),
+            "--resume".into(),
+            p(&out.join("checkpoint-4")),
+            "--steps".into(),
+            "5".into(),
+        ],
         120,
     );
     assert!(!o.ok);
@@ -426,14 +464,26 @@ fn corrupt_optimizer_file_is_named_and_an_older_checkpoint_offered() {
 #[test]
 fn grpo_evaluates_plots_and_resumes_through_the_shared_loop() {
     let tmp = tempfile::tempdir().unwrap();
-    let eval = ["--eval-data", &p(&fx("generation/demo_prompts.parquet")), "--eval-every", "2", "--eval-max-prompts", "4"];
+    let eval = [
+        "--eval-data",
+        &p(&fx("generation/demo_prompts.parquet")),
+        "--eval-every",
+        "2",
+        "--eval-max-prompts",
+        "4",
+    ];
     let a = tmp.path().join("a");
-    let o = align(&grpo(&a, 4, &[&eval[..], &["--save-every", "2"]].concat()), 600);
+    let o = align(
+        &grpo(&a, 4, &[&eval[..], &["--save-every", "2"]].concat()),
+        600,
+    );
     assert!(o.ok, "{}", o.err);
     assert!(o.err.contains("held-out reward"), "{}", o.err);
     assert!(a.join("metrics.png").exists());
     let lines = metric_lines(&a);
-    assert!(lines.iter().all(|l| l["peak_rss_mb"].as_f64().unwrap() > 0.0));
+    assert!(lines
+        .iter()
+        .all(|l| l["peak_rss_mb"].as_f64().unwrap() > 0.0));
     let evals: Vec<f64> = lines
         .iter()
         .filter_map(|l| l.get("eval_reward").and_then(|v| v.as_f64()))
@@ -450,17 +500,33 @@ fn grpo_evaluates_plots_and_resumes_through_the_shared_loop() {
             std::fs::remove_file(path).ok();
         }
     }
-    let o = align(&["grpo".into(), "--resume".into(), p(&b.join("checkpoint-2"))], 600);
+    let o = align(
+        &["grpo".into(), "--resume".into(), p(&b.join("checkpoint-2"))],
+        600,
+    );
     assert!(o.ok, "{}", o.err);
     assert_eq!(
         std::fs::read(a.join("adapter/adapter_model.safetensors")).unwrap(),
         std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap(),
         "resumed GRPO adapter differs"
     );
-    let o = align(
-        &grpo(&tmp.path().join("nan"), 2, &["--lr", "1e30", "--max-grad-norm", "0", "--skip-nonfinite"]),
-        600,
+    // an absurd lr blows the adapter up after the first update; a reward that varies within
+    // each group keeps the advantages (and so the gradients) non-zero
+    let nan = set(
+        set(
+            grpo(
+                &tmp.path().join("nan"),
+                3,
+                &["--max-grad-norm", "0", "--skip-nonfinite"],
+            ),
+            "--lr",
+            "1e30",
+        ),
+        "--chars",
+        "abcdefghijklmnopqrstuvwxyz ",
     );
+    let nan = set(nan, "--group-size", "4");
+    let o = align(&nan, 600);
     assert!(o.ok, "{}", o.err);
     assert!(o.err.contains("non-finite batches skipped"), "{}", o.err);
 }

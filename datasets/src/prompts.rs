@@ -187,8 +187,7 @@ impl Iterator for PromptStream {
                         continue;
                     }
                     Some("") => {
-                        skips
-                            .record(SkipReason::EmptyField, &r.id, col.clone());
+                        skips.record(SkipReason::EmptyField, &r.id, col.clone());
                         continue;
                     }
                     Some(s) => (s.to_string(), None),
@@ -200,30 +199,23 @@ impl Iterator for PromptStream {
                         continue;
                     }
                     Some(Err(what)) => {
-                        skips.record(
-                            SkipReason::BadMessage,
-                            &r.id,
-                            format!("{col}: null {what}"),
-                        );
+                        skips.record(SkipReason::BadMessage, &r.id, format!("{col}: null {what}"));
                         continue;
                     }
                     Some(Ok(m)) if m.is_empty() => {
-                        skips
-                            .record(SkipReason::EmptyField, &r.id, col.clone());
+                        skips.record(SkipReason::EmptyField, &r.id, col.clone());
                         continue;
                     }
                     Some(Ok(m)) => m,
                 };
                 let Some(t) = self.template.as_ref() else {
-                    skips
-                        .record(SkipReason::TemplateRejected, &r.id, "no template");
+                    skips.record(SkipReason::TemplateRejected, &r.id, "no template");
                     continue;
                 };
                 match t.render(&m, true) {
                     Ok(p) => (p, Some(m)),
                     Err(e) => {
-                        skips
-                            .record(SkipReason::TemplateRejected, &r.id, e.to_string());
+                        skips.record(SkipReason::TemplateRejected, &r.id, e.to_string());
                         continue;
                     }
                 }

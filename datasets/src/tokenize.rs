@@ -2,8 +2,8 @@
 
 use crate::chat::ChatTemplate;
 use crate::error::{DatasetError, Result};
-use crate::tokenizer_config::{read_config, token_string};
 use crate::preference::PreferencePair;
+use crate::tokenizer_config::{read_config, token_string};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;

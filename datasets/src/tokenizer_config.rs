@@ -31,4 +31,3 @@ pub(crate) fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
         _ => None,
     }
 }
-

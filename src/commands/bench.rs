@@ -196,7 +196,12 @@ fn train_table(a: TrainArgs) -> Result<()> {
                 "--steps",
                 &a.steps.to_string(),
             ])
-            .args(["--device", a.dev.device_name(), "--dtype", a.dev.dtype_name()])
+            .args([
+                "--device",
+                a.dev.device_name(),
+                "--dtype",
+                a.dev.dtype_name(),
+            ])
             .output()?;
         if !out.status.success() {
             bail!(

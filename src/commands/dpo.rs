@@ -1,11 +1,11 @@
 //! `align dpo`: flags → [`DpoSettings`] → the shared loop ([`crate::train`]) running
 //! [`crate::train::dpo::Dpo`].
 
-use super::flags::{finite, BatchFlags, LoopFlags, LoraFlags, OptimFlags, RunFlags};
+use super::flags::{finite, start_flags, BatchFlags, LoopFlags, LoraFlags, OptimFlags, RunFlags};
 use super::DeviceArgs;
 use crate::train::dpo::{use_embedded, Dpo};
 pub use crate::train::dpo::{DpoSettings, FULL_LR, LORA_LR_FACTOR};
-use crate::train::{execute, start, Start, StartFlags};
+use crate::train::{execute, start, Start};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -69,26 +69,25 @@ pub struct Args {
     pub dev: DeviceArgs,
 }
 
-fn start_flags(args: &Args) -> StartFlags<'_, Args> {
-    StartFlags {
-        flags: args,
-        config: args.run.config.as_deref(),
-        resume: args.run.resume.as_deref(),
-        overwrite: args.run.overwrite,
-    }
-}
-
 fn embedded(s: &mut DpoSettings, assets: Option<&Path>) -> crate::Result<()> {
-    use_embedded(&mut s.run.model, &mut s.data, &mut s.looping.eval_data, assets)
+    use_embedded(
+        &mut s.run.model,
+        &mut s.data,
+        &mut s.looping.eval_data,
+        assets,
+    )
 }
 
 /// Flags → resolved settings (no output folder touched).
 pub fn resolve(args: &Args) -> crate::Result<Start<DpoSettings>> {
-    crate::train::resolve(&start_flags(args), embedded)
+    crate::train::resolve(&start_flags(args, &args.run), embedded)
 }
 
 pub fn run(args: Args) -> Result<()> {
-    Ok(execute::<Dpo>(start(start_flags(&args), embedded)?)?)
+    Ok(execute::<Dpo>(start(
+        start_flags(&args, &args.run),
+        embedded,
+    )?)?)
 }
 
 #[cfg(test)]
@@ -230,7 +229,15 @@ mod tests {
         .settings;
         let grpo = crate::commands::grpo::resolve(&parse_flags::<crate::commands::grpo::Args>(
             "grpo",
-            &["--model", "m", "--prompts", "p", "--target-modules", "q_proj", "v_proj"],
+            &[
+                "--model",
+                "m",
+                "--prompts",
+                "p",
+                "--target-modules",
+                "q_proj",
+                "v_proj",
+            ],
         ))
         .unwrap()
         .settings;

@@ -4,8 +4,19 @@
 //! `--no-X` that turns it off again (e.g. over `full = true` in a config file).
 //! [`crate::train::settings::flag_layer`] turns them into the flags' layer of the settings.
 
+use crate::train::StartFlags;
 use serde::Serialize;
 use std::path::PathBuf;
+
+/// What the shared loop's [`crate::train::start`] needs from a command's flags.
+pub fn start_flags<'a, F: Serialize>(flags: &'a F, run: &'a RunFlags) -> StartFlags<'a, F> {
+    StartFlags {
+        flags,
+        config: run.config.as_deref(),
+        resume: run.resume.as_deref(),
+        overwrite: run.overwrite,
+    }
+}
 
 /// A float flag must be a finite number (`nan`, `inf` are refused at parse time).
 pub fn finite(s: &str) -> Result<f64, String> {

@@ -2,14 +2,13 @@
 //! [`crate::train::grpo::Grpo`] (algorithm, TRL defaults and departures: that module's
 //! documentation and docs/grpo.md).
 
-use super::flags::{finite, LoopFlags, LoraFlags, OptimFlags, RunFlags};
+use super::flags::{finite, start_flags, LoopFlags, LoraFlags, OptimFlags, RunFlags};
 use super::DeviceArgs;
 use crate::train::grpo::Grpo;
 pub use crate::train::grpo::{
-    completion_logps, grpo_micro_loss, GrpoSettings, RolloutBatch, Sample, FULL_LR,
-    LORA_LR_FACTOR,
+    completion_logps, grpo_micro_loss, GrpoSettings, RolloutBatch, Sample, FULL_LR, LORA_LR_FACTOR,
 };
-use crate::train::{execute, start, Start, StartFlags};
+use crate::train::{execute, start, Start};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -123,15 +122,6 @@ pub struct Args {
     pub dev: DeviceArgs,
 }
 
-fn start_flags(args: &Args) -> StartFlags<'_, Args> {
-    StartFlags {
-        flags: args,
-        config: args.run.config.as_deref(),
-        resume: args.run.resume.as_deref(),
-        overwrite: args.run.overwrite,
-    }
-}
-
 /// GRPO has no embedded default: --model and --prompts (or --rollouts) are required.
 fn no_default(_: &mut GrpoSettings, _: Option<&Path>) -> crate::Result<()> {
     Ok(())
@@ -139,11 +129,14 @@ fn no_default(_: &mut GrpoSettings, _: Option<&Path>) -> crate::Result<()> {
 
 /// Flags → resolved settings (no output folder touched).
 pub fn resolve(args: &Args) -> crate::Result<Start<GrpoSettings>> {
-    crate::train::resolve(&start_flags(args), no_default)
+    crate::train::resolve(&start_flags(args, &args.run), no_default)
 }
 
 pub fn run(args: Args) -> Result<()> {
-    Ok(execute::<Grpo>(start(start_flags(&args), no_default)?)?)
+    Ok(execute::<Grpo>(start(
+        start_flags(&args, &args.run),
+        no_default,
+    )?)?)
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //! completion without them plus EOS; sums run over completion tokens only.
 
 use super::common::load_frozen;
-use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use super::DeviceArgs;
 use crate::lora::Fwd;
+use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use align_datasets::{
     PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
 };
@@ -63,9 +63,14 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
     );
     let mut n = 0usize;
-    while let Some(PairBatch { pairs, rows }) =
-        next_batch(&mut stream, &tok, &trunc, &mut stats, args.batch_size, u64::MAX)?
-    {
+    while let Some(PairBatch { pairs, rows }) = next_batch(
+        &mut stream,
+        &tok,
+        &trunc,
+        &mut stats,
+        args.batch_size,
+        u64::MAX,
+    )? {
         let b = pairs.len();
         let batch = pair_batch(&pairs, tok.pad_id(), &policy)?;
         let lp: Vec<f64> = policy

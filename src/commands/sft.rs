@@ -1,12 +1,12 @@
 //! `align sft`: flags → [`SftSettings`] → the shared loop ([`crate::train`]) running
 //! [`crate::train::sft::Sft`].
 
-use super::flags::{BatchFlags, LoopFlags, LoraFlags, OptimFlags, RunFlags};
+use super::flags::{start_flags, BatchFlags, LoopFlags, LoraFlags, OptimFlags, RunFlags};
 use super::DeviceArgs;
 use crate::train::dpo::use_embedded;
 use crate::train::sft::Sft;
 pub use crate::train::sft::{SftSettings, FULL_LR, LORA_LR};
-use crate::train::{execute, start, Start, StartFlags};
+use crate::train::{execute, start, Start};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -62,24 +62,23 @@ pub struct Args {
     pub dev: DeviceArgs,
 }
 
-fn start_flags(args: &Args) -> StartFlags<'_, Args> {
-    StartFlags {
-        flags: args,
-        config: args.run.config.as_deref(),
-        resume: args.run.resume.as_deref(),
-        overwrite: args.run.overwrite,
-    }
-}
-
 fn embedded(s: &mut SftSettings, assets: Option<&Path>) -> crate::Result<()> {
-    use_embedded(&mut s.run.model, &mut s.data, &mut s.looping.eval_data, assets)
+    use_embedded(
+        &mut s.run.model,
+        &mut s.data,
+        &mut s.looping.eval_data,
+        assets,
+    )
 }
 
 /// Flags → resolved settings (no output folder touched).
 pub fn resolve(args: &Args) -> crate::Result<Start<SftSettings>> {
-    crate::train::resolve(&start_flags(args), embedded)
+    crate::train::resolve(&start_flags(args, &args.run), embedded)
 }
 
 pub fn run(args: Args) -> Result<()> {
-    Ok(execute::<Sft>(start(start_flags(&args), embedded)?)?)
+    Ok(execute::<Sft>(start(
+        start_flags(&args, &args.run),
+        embedded,
+    )?)?)
 }

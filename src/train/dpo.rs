@@ -63,33 +63,7 @@ impl AlgoSettings for DpoSettings {
         })));
         d
     }
-    fn run(&self) -> &RunSettings {
-        &self.run
-    }
-    fn run_mut(&mut self) -> &mut RunSettings {
-        &mut self.run
-    }
-    fn lora(&self) -> &LoraSettings {
-        &self.lora
-    }
-    fn lora_mut(&mut self) -> &mut LoraSettings {
-        &mut self.lora
-    }
-    fn optim(&self) -> &OptimSettings {
-        &self.optim
-    }
-    fn looping(&self) -> &LoopSettings {
-        &self.looping
-    }
-    fn looping_mut(&mut self) -> &mut LoopSettings {
-        &mut self.looping
-    }
-    fn batch_size(&self) -> usize {
-        self.batch.batch_size
-    }
-    fn grad_accum(&self) -> usize {
-        self.batch.grad_accum
-    }
+    crate::shared_groups!(batch);
     fn check_own(&self, errs: &mut Vec<String>) {
         check_batch(&self.batch, errs);
         if let Some(d) = &self.data {
@@ -151,7 +125,10 @@ pub fn use_embedded(
     eprintln!(
         "using the embedded default: model {}, data {}",
         model.as_deref().unwrap_or(a).display(),
-        data.as_deref().and_then(|d| d.first()).map(|d| d.display().to_string()).unwrap_or_default()
+        data.as_deref()
+            .and_then(|d| d.first())
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -213,7 +190,8 @@ pub fn next_batch(
                 }
             }
             Err(e) => {
-                return Err(Error::from(e)).with_context(|| format!("tokenizing {}", pair.source_row))
+                return Err(Error::from(e))
+                    .with_context(|| format!("tokenizing {}", pair.source_row))
             }
         }
     }
@@ -328,7 +306,12 @@ impl Algorithm for Dpo {
             ..Default::default()
         };
         let template = tok.chat_template.clone();
-        let eval_src = s.looping.eval_data.as_ref().map(|e| source(e)).transpose()?;
+        let eval_src = s
+            .looping
+            .eval_data
+            .as_ref()
+            .map(|e| source(e))
+            .transpose()?;
         let reference = if !s.lora.full || s.loss == DpoLossType::Simpo {
             Reference::AdaptersOff
         } else if s.precompute_ref {
@@ -337,13 +320,21 @@ impl Algorithm for Dpo {
             eprintln!("precomputing reference log-probs over {rows} rows...");
             let mut table = HashMap::new();
             for src in std::iter::once(&src).chain(eval_src.iter()) {
-                table.extend(precompute(policy, src, &tok, &trunc, pad, s.batch.batch_size)?);
+                table.extend(precompute(
+                    policy,
+                    src,
+                    &tok,
+                    &trunc,
+                    pad,
+                    s.batch.batch_size,
+                )?);
             }
             Reference::Table(table)
         } else {
             Reference::Copy(Box::new(
-                Policy::load(&model, TrainMode::Frozen, ctx.dtype, &ctx.device)
-                    .with_context(|| format!("loading the reference copy of {}", model.display()))?,
+                Policy::load(&model, TrainMode::Frozen, ctx.dtype, &ctx.device).with_context(
+                    || format!("loading the reference copy of {}", model.display()),
+                )?,
             ))
         };
         let stream = match &ctx.resume {
@@ -430,15 +421,25 @@ impl Algorithm for Dpo {
         let Some(src) = &self.eval_src else {
             return Ok(None);
         };
-        let mut stream =
-            PreferenceStream::open(src, StreamOptions::default(), self.tok.chat_template.as_ref())?;
+        let mut stream = PreferenceStream::open(
+            src,
+            StreamOptions::default(),
+            self.tok.chat_template.as_ref(),
+        )?;
         let mut stats = TruncationStats::default();
         let mut sums = Metrics::new();
         let mut n = 0usize;
         let max = self.s.eval_max_pairs;
         while n < max {
             let want = self.s.batch.batch_size.min(max - n);
-            let Some(b) = next_batch(&mut stream, &self.tok, &self.trunc, &mut stats, want, u64::MAX)?
+            let Some(b) = next_batch(
+                &mut stream,
+                &self.tok,
+                &self.trunc,
+                &mut stats,
+                want,
+                u64::MAX,
+            )?
             else {
                 break;
             };
@@ -454,7 +455,9 @@ impl Algorithm for Dpo {
         if n == 0 {
             crate::bail!("eval data: no usable pairs (skips: {})", stream.skips());
         }
-        Ok(Some(sums.into_iter().map(|(k, v)| (k, v / n as f64)).collect()))
+        Ok(Some(
+            sums.into_iter().map(|(k, v)| (k, v / n as f64)).collect(),
+        ))
     }
 
     fn checkpoint_state(&mut self, _step: u64) -> Result<Value> {
@@ -549,7 +552,8 @@ fn precompute(
     pad: u32,
     batch_size: usize,
 ) -> Result<HashMap<String, (f64, f64)>> {
-    let mut stream = PreferenceStream::open(src, StreamOptions::default(), tok.chat_template.as_ref())?;
+    let mut stream =
+        PreferenceStream::open(src, StreamOptions::default(), tok.chat_template.as_ref())?;
     let mut stats = TruncationStats::default();
     let mut table = HashMap::new();
     while let Some(b) = next_batch(&mut stream, tok, trunc, &mut stats, batch_size, u64::MAX)? {

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 macro_rules! asset {
     ($p:literal) => {
-        ($p, include_bytes!(concat!("../../assets/default/", $p)) as &[u8])
+        (
+            $p,
+            include_bytes!(concat!("../../assets/default/", $p)) as &[u8],
+        )
     };
 }
 
@@ -34,7 +37,11 @@ pub fn default_assets() -> Option<PathBuf> {
     {
         return Some(p);
     }
-    let dir = cache_dir().join(format!("default-{}-{:016x}", env!("CARGO_PKG_VERSION"), digest()));
+    let dir = cache_dir().join(format!(
+        "default-{}-{:016x}",
+        env!("CARGO_PKG_VERSION"),
+        digest()
+    ));
     match unpack(&dir) {
         Ok(()) => Some(dir),
         Err(e) => {
@@ -69,9 +76,9 @@ fn digest() -> u64 {
 /// nothing to do.
 pub fn unpack(dir: &Path) -> Result<()> {
     let complete = |d: &Path| {
-        FILES.iter().all(|(n, b)| {
-            std::fs::metadata(d.join(n)).is_ok_and(|m| m.len() == b.len() as u64)
-        })
+        FILES
+            .iter()
+            .all(|(n, b)| std::fs::metadata(d.join(n)).is_ok_and(|m| m.len() == b.len() as u64))
     };
     if complete(dir) {
         return Ok(());
@@ -90,7 +97,10 @@ pub fn unpack(dir: &Path) -> Result<()> {
         // another process won the race: use its copy
         std::fs::remove_dir_all(&tmp).ok();
         if !complete(dir) {
-            return Err(Error::Msg(format!("{}: incomplete embedded default", dir.display())));
+            return Err(Error::Msg(format!(
+                "{}: incomplete embedded default",
+                dir.display()
+            )));
         }
     }
     Ok(())

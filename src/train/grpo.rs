@@ -54,9 +54,7 @@
 //! the run's sampling settings from a fixed seed (the same at every evaluation, so the
 //! `eval_reward` curve compares like with like), scored by the training reward.
 
-use super::settings::{
-    self, AlgoSettings, LoopSettings, LoraSettings, OptimSettings, RunSettings,
-};
+use super::settings::{self, AlgoSettings, LoopSettings, LoraSettings, OptimSettings, RunSettings};
 use super::{Algorithm, Setup};
 use crate::bail;
 use crate::error::{Context, Result};
@@ -140,27 +138,7 @@ impl AlgoSettings for GrpoSettings {
         })));
         d
     }
-    fn run(&self) -> &RunSettings {
-        &self.run
-    }
-    fn run_mut(&mut self) -> &mut RunSettings {
-        &mut self.run
-    }
-    fn lora(&self) -> &LoraSettings {
-        &self.lora
-    }
-    fn lora_mut(&mut self) -> &mut LoraSettings {
-        &mut self.lora
-    }
-    fn optim(&self) -> &OptimSettings {
-        &self.optim
-    }
-    fn looping(&self) -> &LoopSettings {
-        &self.looping
-    }
-    fn looping_mut(&mut self) -> &mut LoopSettings {
-        &mut self.looping
-    }
+    crate::shared_groups!();
     fn batch_size(&self) -> usize {
         self.prompts_per_step * self.group_size
     }
@@ -181,7 +159,12 @@ impl AlgoSettings for GrpoSettings {
         settings::positive_int(errs, "max_new_tokens", self.max_new_tokens as u64);
         settings::positive_int(errs, "max_prompt_length", self.max_prompt_length as u64);
         settings::positive_int(errs, "eval_max_prompts", self.eval_max_prompts as u64);
-        if self.num_iterations > 0 && !self.looping.save_every.is_multiple_of(self.num_iterations as u64) {
+        if self.num_iterations > 0
+            && !self
+                .looping
+                .save_every
+                .is_multiple_of(self.num_iterations as u64)
+        {
             errs.push(format!(
                 "`save_every` ({}) must be a multiple of `num_iterations` ({}): checkpoints fall between generation batches",
                 self.looping.save_every, self.num_iterations
@@ -491,7 +474,10 @@ impl Algorithm for Grpo {
                 refs: &rec.refs,
             })
             .collect();
-        let rewards = on.reward.score(&inputs).context("scoring the --eval-data completions")?;
+        let rewards = on
+            .reward
+            .score(&inputs)
+            .context("scoring the --eval-data completions")?;
         if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
             bail!(
                 "eval reward {r} (not finite) for the prompt at {}",
@@ -853,8 +839,9 @@ fn next_online_batch(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), g))
         .collect();
-    let mut rng =
-        StdRng::seed_from_u64(s.looping.seed ^ (step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = StdRng::seed_from_u64(
+        s.looping.seed ^ (step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let t0 = Instant::now();
     let comps = generate_chunked(
         &policy.model,
@@ -1040,4 +1027,3 @@ fn next_offline_batch(
         m,
     ))
 }
-

@@ -281,8 +281,9 @@ pub fn count_rows(files: &[PathBuf]) -> Result<u64> {
     let mut n = 0u64;
     for f in files {
         let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
-        let r = SerializedFileReader::new(file)
-            .map_err(|e| Error::Msg(format!("{}: not a readable parquet file: {e}", f.display())))?;
+        let r = SerializedFileReader::new(file).map_err(|e| {
+            Error::Msg(format!("{}: not a readable parquet file: {e}", f.display()))
+        })?;
         n += r.metadata().file_metadata().num_rows().max(0) as u64;
     }
     Ok(n)
@@ -332,10 +333,11 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     };
     let mut algo = A::new(&s, &policy, &setup)?;
     let steps = algo.steps();
-    let lr = s
-        .optim()
-        .lr
-        .unwrap_or(if s.lora().full { A::FULL_LR } else { A::LORA_LR });
+    let lr = s.optim().lr.unwrap_or(if s.lora().full {
+        A::FULL_LR
+    } else {
+        A::LORA_LR
+    });
     let (trainable, total) = policy.param_counts();
     let l = s.lora();
     eprintln!(
@@ -387,7 +389,10 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     while trainer.step < steps {
         let n = algo.prepare(&trainer.policy, trainer.step)?;
         if n == 0 {
-            crate::bail!("step {}: the algorithm prepared no micro-batch", trainer.step + 1);
+            crate::bail!(
+                "step {}: the algorithm prepared no micro-batch",
+                trainer.step + 1
+            );
         }
         let outcome = trainer.train_step(n, |p, i| algo.micro_loss(p, i))?;
         let StepOutcome::Stepped(mut m) = outcome else {

@@ -126,12 +126,46 @@ pub trait AlgoSettings: Clone + Serialize + DeserializeOwned + PartialEq {
     fn lora_mut(&mut self) -> &mut LoraSettings;
     fn optim(&self) -> &OptimSettings;
     fn looping(&self) -> &LoopSettings;
-    fn looping_mut(&mut self) -> &mut LoopSettings;
     /// Sequences per micro-batch and micro-batches per step, as recorded in checkpoints.
     fn batch_size(&self) -> usize;
     fn grad_accum(&self) -> usize;
     /// Range checks of the algorithm's own keys (the shared groups are checked by [`check`]).
     fn check_own(&self, errs: &mut Vec<String>);
+}
+
+/// The [`AlgoSettings`] accessors of a settings struct with `run`, `lora`, `optim` and
+/// `looping` fields (and, with `batch`, a `batch: BatchSettings` field).
+#[macro_export]
+macro_rules! shared_groups {
+    () => {
+        fn run(&self) -> &$crate::train::settings::RunSettings {
+            &self.run
+        }
+        fn run_mut(&mut self) -> &mut $crate::train::settings::RunSettings {
+            &mut self.run
+        }
+        fn lora(&self) -> &$crate::train::settings::LoraSettings {
+            &self.lora
+        }
+        fn lora_mut(&mut self) -> &mut $crate::train::settings::LoraSettings {
+            &mut self.lora
+        }
+        fn optim(&self) -> &$crate::train::settings::OptimSettings {
+            &self.optim
+        }
+        fn looping(&self) -> &$crate::train::settings::LoopSettings {
+            &self.looping
+        }
+    };
+    (batch) => {
+        $crate::shared_groups!();
+        fn batch_size(&self) -> usize {
+            self.batch.batch_size
+        }
+        fn grad_accum(&self) -> usize {
+            self.batch.grad_accum
+        }
+    };
 }
 
 /// Keys that may change when a run is resumed: they alter how long it runs and what it
@@ -182,7 +216,10 @@ fn is_empty(v: &Value) -> bool {
 /// The config file as a layer, checked key by key against `defaults` and the settings type:
 /// every unknown key, empty value, non-finite number and ill-typed value is reported at once,
 /// each naming the key and the file.
-pub fn config_layer<S: DeserializeOwned>(path: &Path, defaults: &Map<String, Value>) -> Result<Layer> {
+pub fn config_layer<S: DeserializeOwned>(
+    path: &Path,
+    defaults: &Map<String, Value>,
+) -> Result<Layer> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
@@ -278,9 +315,15 @@ pub fn merge<S: DeserializeOwned>(defaults: Map<String, Value>, layers: &[&Layer
             .filter_map(|(k, v)| {
                 let mut trial = defaults.clone();
                 trial.insert(k.clone(), v.clone());
-                serde_json::from_value::<S>(Value::Object(trial)).err().map(|e| {
-                    format!("--{}: {}", k.replace('_', "-"), strip_position(&e.to_string()))
-                })
+                serde_json::from_value::<S>(Value::Object(trial))
+                    .err()
+                    .map(|e| {
+                        format!(
+                            "--{}: {}",
+                            k.replace('_', "-"),
+                            strip_position(&e.to_string())
+                        )
+                    })
             })
             .collect();
         if bad.is_empty() {
@@ -352,10 +395,7 @@ pub fn positive_int(errs: &mut Vec<String>, key: &str, v: u64) {
 /// Resume: the keys given now (config file or flags) that differ from the checkpoint's
 /// settings. Those in [`RESUMABLE_CHANGES`] are applied (and listed in the first vector); any
 /// other difference is refused.
-pub fn apply_resume_changes<S: AlgoSettings>(
-    saved: &S,
-    given: &Layer,
-) -> Result<(S, Vec<String>)> {
+pub fn apply_resume_changes<S: AlgoSettings>(saved: &S, given: &Layer) -> Result<(S, Vec<String>)> {
     let Value::Object(mut cur) = serde_json::to_value(saved)? else {
         return Err(Error::Msg("settings must serialise to an object".into()));
     };

@@ -70,33 +70,7 @@ impl AlgoSettings for SftSettings {
         })));
         d
     }
-    fn run(&self) -> &RunSettings {
-        &self.run
-    }
-    fn run_mut(&mut self) -> &mut RunSettings {
-        &mut self.run
-    }
-    fn lora(&self) -> &LoraSettings {
-        &self.lora
-    }
-    fn lora_mut(&mut self) -> &mut LoraSettings {
-        &mut self.lora
-    }
-    fn optim(&self) -> &OptimSettings {
-        &self.optim
-    }
-    fn looping(&self) -> &LoopSettings {
-        &self.looping
-    }
-    fn looping_mut(&mut self) -> &mut LoopSettings {
-        &mut self.looping
-    }
-    fn batch_size(&self) -> usize {
-        self.batch.batch_size
-    }
-    fn grad_accum(&self) -> usize {
-        self.batch.grad_accum
-    }
+    crate::shared_groups!(batch);
     fn check_own(&self, errs: &mut Vec<String>) {
         super::dpo::check_batch(&self.batch, errs);
         if let Some(d) = &self.data {
@@ -150,8 +124,8 @@ impl Algorithm for Sft {
         let tok = TokenizerBundle::from_dir(&model)
             .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
         let pad = tok.pad_id();
-        let src = align_datasets::Source::from_paths(&data)
-            .with_context(|| format!("data {data:?}"))?;
+        let src =
+            align_datasets::Source::from_paths(&data).with_context(|| format!("data {data:?}"))?;
         let mut stats = TruncationStats::default();
         let mut skips = Skips::default();
         let (examples, layout) = load_examples(src.files(), s, &tok, None, &mut stats, &mut skips)?;
@@ -246,7 +220,12 @@ impl Algorithm for Sft {
                 if self.pos >= self.perm.len() {
                     self.epoch += 1;
                     self.pos = 0;
-                    self.perm = order(self.examples.len(), self.epoch, self.s.looping.seed, shuffle);
+                    self.perm = order(
+                        self.examples.len(),
+                        self.epoch,
+                        self.s.looping.seed,
+                        shuffle,
+                    );
                 }
                 b.push(self.perm[self.pos]);
                 self.pos += 1;
@@ -274,7 +253,14 @@ impl Algorithm for Sft {
         let Some(ev) = &self.eval else {
             return Ok(None);
         };
-        evaluate(policy, ev, self.pad, self.s.batch.batch_size, self.s.eval_max_examples).map(Some)
+        evaluate(
+            policy,
+            ev,
+            self.pad,
+            self.s.batch.batch_size,
+            self.s.eval_max_examples,
+        )
+        .map(Some)
     }
 
     fn checkpoint_state(&mut self, _step: u64) -> Result<Value> {
@@ -289,7 +275,10 @@ impl Algorithm for Sft {
         if let Some(l) = final_eval.get("eval_loss") {
             v.push(format!(
                 "held-out loss {l:.4} (perplexity {:.2})",
-                final_eval.get("eval_perplexity").copied().unwrap_or(f64::NAN)
+                final_eval
+                    .get("eval_perplexity")
+                    .copied()
+                    .unwrap_or(f64::NAN)
             ));
         }
         if self.skips.count > 0 {
@@ -589,4 +578,3 @@ fn order(n: usize, epoch: u64, seed: u64, shuffle: bool) -> Vec<usize> {
     }
     v
 }
-
