@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod compare;
 pub mod dpo;
 pub mod flags;
 pub mod generate;
@@ -12,6 +13,7 @@ pub mod init;
 pub mod logprobs;
 pub mod merge;
 pub mod sft;
+pub mod sweep;
 pub mod tokenizer;
 
 use anyhow::{bail, Result};
