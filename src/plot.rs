@@ -352,7 +352,7 @@ pub fn plot_overlay(panels: &[OverlayPanel], out: &Path) -> Result<()> {
             (rows, cols),
         )
     };
-    result.map_err(|e| anyhow::anyhow!("drawing {}: {e}", out.display()))
+    result.map_err(|e| Error::Msg(format!("drawing {}: {e}", out.display())))
 }
 
 fn draw_overlay<DB: DrawingBackend>(
