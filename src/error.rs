@@ -45,8 +45,80 @@ pub enum Error {
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
 
+    #[error(transparent)]
+    Dataset(#[from] align_datasets::DatasetError),
+
+    #[error(transparent)]
+    Algorithm(#[from] align_algorithms::Error),
+
+    /// A setting (flag or config-file key) with a bad value; names the key and where it came from.
+    #[error("{origin}: `{key}`: {msg}")]
+    Setting {
+        origin: String,
+        key: String,
+        msg: String,
+    },
+
+    /// `msg`, caused by `source` (printed as a "caused by" chain).
+    #[error("{msg}")]
+    Context {
+        msg: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error("{0}")]
     Msg(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Msg(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Msg(e.to_string())
+    }
+}
+
+/// `anyhow`-style context for the library's typed errors.
+pub trait Context<T> {
+    fn context(self, msg: impl std::fmt::Display) -> Result<T>;
+    fn with_context<M: std::fmt::Display>(self, f: impl FnOnce() -> M) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn context(self, msg: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            msg: msg.to_string(),
+            source: Box::new(e.into()),
+        })
+    }
+    fn with_context<M: std::fmt::Display>(self, f: impl FnOnce() -> M) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            msg: f().to_string(),
+            source: Box::new(e.into()),
+        })
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, msg: impl std::fmt::Display) -> Result<T> {
+        self.ok_or_else(|| Error::Msg(msg.to_string()))
+    }
+    fn with_context<M: std::fmt::Display>(self, f: impl FnOnce() -> M) -> Result<T> {
+        self.ok_or_else(|| Error::Msg(f().to_string()))
+    }
+}
+
+/// `return Err(Error::Msg(format!(...)))`.
+#[macro_export]
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err($crate::error::Error::Msg(format!($($t)*)))
+    };
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -20,4 +20,6 @@ pub mod plot;
 pub mod policy;
 pub mod process;
 pub mod rewards;
+pub mod table;
+pub mod train;
 pub mod trainer;

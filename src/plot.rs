@@ -6,7 +6,8 @@
 //! key starts with `eval_` or `eval/` (TRL's naming) or its line has `"eval": true`; `null`
 //! and non-finite values are skipped; a series with no points at all gets no panel.
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Error, Result};
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::Once;
@@ -140,16 +141,16 @@ fn draw(panels: &[Panel], out_png: &Path) -> Result<()> {
     let rows = n.div_ceil(cols);
     let (w, h) = (PANEL_W * cols as u32, PANEL_H * rows as u32);
     let root = BitMapBackend::new(out_png, (w, h)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| Error::Msg(format!("{e}")))?;
     let areas = root.split_evenly((rows, cols));
     let train_c = RGBColor(31, 119, 180);
     let train_light = RGBColor(174, 199, 232);
     let eval_c = RGBColor(214, 39, 40);
     for (panel, area) in panels.iter().zip(areas.iter()) {
         draw_panel(panel, area, train_c, train_light, eval_c)
-            .map_err(|e| anyhow::anyhow!("panel {}: {e}", panel.name))?;
+            .map_err(|e| Error::Msg(format!("panel {}: {e}", panel.name)))?;
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| Error::Msg(format!("{e}")))?;
     Ok(())
 }
 
@@ -351,7 +352,7 @@ pub fn plot_overlay(panels: &[OverlayPanel], out: &Path) -> Result<()> {
             (rows, cols),
         )
     };
-    result.map_err(|e| anyhow::anyhow!("drawing {}: {e}", out.display()))
+    result.map_err(|e| Error::Msg(format!("drawing {}: {e}", out.display())))
 }
 
 fn draw_overlay<DB: DrawingBackend>(

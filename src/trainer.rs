@@ -7,12 +7,13 @@
 //! an algorithm's opaque `extra`: data cursor, RNG state...). It is written to a hidden temp
 //! folder and renamed into place, so a kill at any moment leaves the previous one usable.
 
+use crate::bail;
 use crate::error::{write_atomic, Error};
+use crate::error::{Context, Result};
 use crate::policy::{Policy, TrainMode};
 use align_algorithms::optim::{
     clip_grad_norm, AdamW, AdamWConfig, AdamWState, LrScheduleKind, LrScheduler,
 };
-use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -186,7 +187,7 @@ impl Trainer {
             self.nonfinite_skips += 1;
             self.progress.note(&format!(
                 "step {}: {what}; batch skipped (--skip-nonfinite)",
-                self.step + 1
+                self.step
             ));
             return Ok(StepOutcome::Skipped);
         }
@@ -204,6 +205,10 @@ impl Trainer {
     pub fn log(&mut self, metrics: &Metrics) -> Result<()> {
         let mut obj = serde_json::Map::new();
         obj.insert("step".into(), serde_json::json!(self.step));
+        obj.insert(
+            "peak_rss_mb".into(),
+            serde_json::json!(crate::train::peak_rss_mb()),
+        );
         for (k, v) in metrics {
             obj.insert(
                 k.clone(),
@@ -284,10 +289,32 @@ impl Trainer {
     pub fn resume(&mut self, dir: &Path) -> Result<serde_json::Value> {
         let state: TrainerState = crate::error::read_json(&dir.join("trainer_state.json"))
             .with_context(|| format!("{} is not a checkpoint of align", dir.display()))?;
-        load_weights(&self.policy, &self.vars, dir)?;
-        let opt = AdamWState::load(dir.join("optimizer"), self.policy.device())
-            .with_context(|| format!("reading the optimizer state in {}", dir.display()))?;
-        self.opt.load_state(&opt)?;
+        let older = || match list_checkpoints(dir.parent().unwrap_or(Path::new(".")))
+            .into_iter()
+            .rev()
+            .find(|(step, _)| *step < state.step)
+        {
+            Some((_, p)) => format!("; an older checkpoint is {} (--resume it)", p.display()),
+            None => String::new(),
+        };
+        load_weights(&self.policy, &self.vars, dir)
+            .with_context(|| format!("{}: the weights are unreadable{}", dir.display(), older()))?;
+        let opt_prefix = dir.join("optimizer");
+        let opt = AdamWState::load(&opt_prefix, self.policy.device()).with_context(|| {
+            format!(
+                "reading the optimizer state {} / {}{}",
+                opt_prefix.with_extension("safetensors").display(),
+                opt_prefix.with_extension("json").display(),
+                older()
+            )
+        })?;
+        self.opt.load_state(&opt).with_context(|| {
+            format!(
+                "{}: optimizer state does not fit the policy{}",
+                opt_prefix.with_extension("safetensors").display(),
+                older()
+            )
+        })?;
         self.step = state.step;
         self.nonfinite_skips = state.nonfinite_skips;
         self.last_checkpoint = Some(dir.to_path_buf());
@@ -492,49 +519,4 @@ impl Progress {
             b.finish_and_clear();
         }
     }
-}
-
-/// Layered settings: `defaults` < TOML `config` file < `flags` (the flags struct serialised,
-/// with `None` fields left out). Keys are the flags' long names with `-` as `_`.
-pub fn resolve_settings<T: serde::de::DeserializeOwned>(
-    defaults: serde_json::Value,
-    config: Option<&Path>,
-    flags: &impl Serialize,
-) -> Result<T> {
-    let mut merged = match defaults {
-        serde_json::Value::Object(m) => m,
-        _ => bail!("defaults must be an object"),
-    };
-    if let Some(path) = config {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        let table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-        let v = serde_json::to_value(table)?;
-        for (k, val) in v.as_object().cloned().unwrap_or_default() {
-            let key = k.replace('-', "_");
-            if !merged.contains_key(&key) {
-                let known: Vec<&String> = merged.keys().collect();
-                bail!(
-                    "{}: unknown setting `{k}` (known: {})",
-                    path.display(),
-                    known
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            merged.insert(key, val);
-        }
-    }
-    if let serde_json::Value::Object(f) = serde_json::to_value(flags)? {
-        for (k, v) in f {
-            // a boolean switch that was not given serialises as false: it must not override
-            if !v.is_null() && v != serde_json::Value::Bool(false) && merged.contains_key(&k) {
-                merged.insert(k, v);
-            }
-        }
-    }
-    serde_json::from_value(serde_json::Value::Object(merged)).context("resolving settings")
 }

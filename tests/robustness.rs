@@ -290,11 +290,17 @@ fn reward_command_timeout_kills_the_process_group() {
 #[test]
 fn reward_timeout_must_be_a_positive_number() {
     let tmp = tempfile::tempdir().unwrap();
-    for bad in ["0", "-1", "nan"] {
+    // Range: the one numeric validation of the settings, naming the key.
+    for bad in ["0", "-1"] {
         let flag = format!("--reward-timeout={bad}");
         grpo_command(tmp.path(), "cat", &[&flag])
-            .fails_with(&["--reward-timeout must be a positive number of seconds"]);
+            .fails_with(&["`reward_timeout` must be a finite number > 0"]);
     }
+    // Not a number at all: refused by the flag parser (clap's exit code 2).
+    let out = grpo_command(tmp.path(), "cat", &["--reward-timeout=nan"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("not a finite number"), "{}", out.stderr);
+    out.no_panic();
 }
 
 /// SIGTERM or SIGINT to align while the verifier runs: align dies of that signal and takes

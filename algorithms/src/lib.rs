@@ -4,7 +4,8 @@
 //! Every loss is a pure function over candle tensors returning `(loss, metrics)`; the loss is
 //! differentiable with candle's autograd w.r.t. the policy log-probs. Tensor names carry their
 //! shape as a suffix (`logp_B_T`: batch × completion tokens). Reference formulas and departures
-//! are listed in each module's header. Nothing here depends on model code: see [`Policy`].
+//! are listed in each module's header. Nothing here depends on model code: the functions take
+//! log-prob tensors, so the root crate calls them with its own policy's outputs.
 #![allow(non_snake_case)]
 
 pub mod dpo;
@@ -12,7 +13,6 @@ pub mod error;
 pub mod grpo;
 pub mod ops;
 pub mod optim;
-pub mod policy;
 pub mod ppo;
 pub mod reward_model;
 pub mod sft;
@@ -26,7 +26,6 @@ pub use grpo::{
 pub use optim::{
     clip_grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWState, LrScheduleKind, LrScheduler,
 };
-pub use policy::{Policy, TokenBatch};
 pub use ppo::{
     gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, ppo_total_loss, ppo_value_loss,
     KlController, PpoPolicyMetrics,

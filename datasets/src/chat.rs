@@ -78,10 +78,10 @@ impl ChatTemplate {
     /// `chat_template` from `tokenizer_config.json` (a string, or a list of
     /// `{name, template}` where `default` is used). Returns `Ok(None)` if there is none.
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
-        let cfg = crate::tokenize::read_config(dir)?;
+        let cfg = crate::tokenizer_config::read_config(dir)?;
         let (bos, eos) = (
-            crate::tokenize::token_string(cfg.get("bos_token")).unwrap_or_default(),
-            crate::tokenize::token_string(cfg.get("eos_token")).unwrap_or_default(),
+            crate::tokenizer_config::token_string(cfg.get("bos_token")).unwrap_or_default(),
+            crate::tokenizer_config::token_string(cfg.get("eos_token")).unwrap_or_default(),
         );
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {

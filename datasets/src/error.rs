@@ -54,6 +54,9 @@ pub enum DatasetError {
         prompt_len: usize,
         max_length: usize,
     },
+    /// A looping stream went through every row of its source without one usable record.
+    #[error("no usable row in a whole pass over the {rows} rows of the data")]
+    NoUsableRows { rows: u64 },
     /// A cursor does not belong to this source.
     #[error("cursor does not match this source: {0}")]
     CursorMismatch(String),

@@ -47,6 +47,7 @@ mod skip;
 mod source;
 mod stream;
 mod tokenize;
+mod tokenizer_config;
 
 pub use chat::{render_pair, shared_prefix_len, ChatTemplate, Message};
 pub use error::{DatasetError, Result};

@@ -298,23 +298,32 @@ impl Iterator for PreferenceStream {
     type Item = Result<PreferencePair>;
     fn next(&mut self) -> Option<Self::Item> {
         loop {
+            // skips are counted over one pass (a looping stream sees rows again)
+            let mut later_pass = SkipStats::default();
+            let skips = if self.engine.next_in_first_pass() {
+                &mut self.skips
+            } else {
+                &mut later_pass
+            };
             let r = match self.engine.next_row()? {
                 Err(e) => return Some(Err(e)),
                 Ok(r) => r,
             };
-            self.skips.rows_seen += 1;
+            skips.rows_seen += 1;
             let p =
                 parse(&self.format, self.template.as_ref(), r.batch, r.row).unwrap_or_else(|e| e);
             match p {
                 Parsed::Pair(prompt, chosen, rejected) => {
-                    return Some(Ok(PreferencePair {
+                    let pair = PreferencePair {
                         prompt,
                         chosen,
                         rejected,
                         source_row: r.id,
-                    }))
+                    };
+                    self.engine.yielded();
+                    return Some(Ok(pair));
                 }
-                Parsed::Skip(reason, detail) => self.skips.record(reason, &r.id, detail),
+                Parsed::Skip(reason, detail) => skips.record(reason, &r.id, detail),
             }
         }
     }

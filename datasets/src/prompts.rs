@@ -167,21 +167,27 @@ impl Iterator for PromptStream {
     type Item = Result<PromptRecord>;
     fn next(&mut self) -> Option<Self::Item> {
         loop {
+            // skips are counted over one pass (a looping stream sees rows again)
+            let mut later_pass = SkipStats::default();
+            let skips = if self.engine.next_in_first_pass() {
+                &mut self.skips
+            } else {
+                &mut later_pass
+            };
             let r = match self.engine.next_row()? {
                 Err(e) => return Some(Err(e)),
                 Ok(r) => r,
             };
-            self.skips.rows_seen += 1;
+            skips.rows_seen += 1;
             let col = &self.format.prompt;
             let (prompt, messages) = if self.format.kind == ColumnKind::Text {
                 match text_at(r.batch, col, r.row) {
                     None => {
-                        self.skips.record(SkipReason::NullField, &r.id, col.clone());
+                        skips.record(SkipReason::NullField, &r.id, col.clone());
                         continue;
                     }
                     Some("") => {
-                        self.skips
-                            .record(SkipReason::EmptyField, &r.id, col.clone());
+                        skips.record(SkipReason::EmptyField, &r.id, col.clone());
                         continue;
                     }
                     Some(s) => (s.to_string(), None),
@@ -189,34 +195,27 @@ impl Iterator for PromptStream {
             } else {
                 let m = match messages_at(r.batch, col, r.row) {
                     None => {
-                        self.skips.record(SkipReason::NullField, &r.id, col.clone());
+                        skips.record(SkipReason::NullField, &r.id, col.clone());
                         continue;
                     }
                     Some(Err(what)) => {
-                        self.skips.record(
-                            SkipReason::BadMessage,
-                            &r.id,
-                            format!("{col}: null {what}"),
-                        );
+                        skips.record(SkipReason::BadMessage, &r.id, format!("{col}: null {what}"));
                         continue;
                     }
                     Some(Ok(m)) if m.is_empty() => {
-                        self.skips
-                            .record(SkipReason::EmptyField, &r.id, col.clone());
+                        skips.record(SkipReason::EmptyField, &r.id, col.clone());
                         continue;
                     }
                     Some(Ok(m)) => m,
                 };
                 let Some(t) = self.template.as_ref() else {
-                    self.skips
-                        .record(SkipReason::TemplateRejected, &r.id, "no template");
+                    skips.record(SkipReason::TemplateRejected, &r.id, "no template");
                     continue;
                 };
                 match t.render(&m, true) {
                     Ok(p) => (p, Some(m)),
                     Err(e) => {
-                        self.skips
-                            .record(SkipReason::TemplateRejected, &r.id, e.to_string());
+                        skips.record(SkipReason::TemplateRejected, &r.id, e.to_string());
                         continue;
                     }
                 }
@@ -227,12 +226,14 @@ impl Iterator for PromptStream {
                 .iter()
                 .filter_map(|c| scalar_string_at(r.batch, c, r.row).map(|v| (c.clone(), v)))
                 .collect();
-            return Some(Ok(PromptRecord {
+            let rec = PromptRecord {
                 prompt,
                 messages,
                 refs,
                 source_row: r.id,
-            }));
+            };
+            self.engine.yielded();
+            return Some(Ok(rec));
         }
     }
 }

@@ -310,11 +310,18 @@ impl Iterator for RolloutStream {
     type Item = Result<Rollout>;
     fn next(&mut self) -> Option<Self::Item> {
         loop {
+            // skips are counted over one pass (a looping stream sees rows again)
+            let mut later_pass = SkipStats::default();
+            let skips = if self.engine.next_in_first_pass() {
+                &mut self.skips
+            } else {
+                &mut later_pass
+            };
             let r = match self.engine.next_row()? {
                 Err(e) => return Some(Err(e)),
                 Ok(r) => r,
             };
-            self.skips.rows_seen += 1;
+            skips.rows_seen += 1;
             let b = r.batch;
             let col = |n: &str| b.column_by_name(n);
             let req = (
@@ -326,7 +333,7 @@ impl Iterator for RolloutStream {
             );
             let (Some(prompt), Some(completion), Some(reward), Some(group), Some(step)) = req
             else {
-                self.skips.record(
+                skips.record(
                     SkipReason::NullField,
                     &r.id,
                     "prompt/completion/reward/group/step",
@@ -356,6 +363,7 @@ impl Iterator for RolloutStream {
                     None
                 },
             };
+            self.engine.yielded();
             return Some(Ok(rollout));
         }
     }

@@ -169,6 +169,10 @@ pub(crate) struct Engine {
     chunk_end: usize,
     consumed: u64,
     rng_seed: u64,
+    /// Rows handed out since the stream last yielded a usable record (see [`Engine::yielded`]).
+    since_yield: u64,
+    /// Rows handed out since the stream was opened or resumed.
+    handed: u64,
     chunk: Option<Chunk>,
     done: bool,
 }
@@ -205,6 +209,8 @@ impl Engine {
             chunk_end: 0,
             consumed: 0,
             rng_seed: 0,
+            since_yield: 0,
+            handed: 0,
             chunk: None,
             done: false,
         };
@@ -376,7 +382,28 @@ impl Engine {
     }
 
     /// The next raw row, or None at the end. After an error the stream ends.
+    /// Whether the next row is still within the first pass over the source since the stream
+    /// was opened: skip counts describe one pass, not the sum over repeated epochs.
+    pub fn next_in_first_pass(&self) -> bool {
+        self.handed < self.total_rows
+    }
+
+    /// The stream built a usable record from the last row (resets the no-progress count).
+    pub fn yielded(&mut self) {
+        self.since_yield = 0;
+    }
+
     pub fn next_row(&mut self) -> Option<Result<RowRef<'_>>> {
+        // A looping stream whose every row is skipped would spin forever: a whole pass over
+        // the source without one usable record ends it with an error instead.
+        self.since_yield += 1;
+        self.handed += 1;
+        if self.opts.loop_epochs && self.total_rows > 0 && self.since_yield > self.total_rows {
+            self.done = true;
+            return Some(Err(DatasetError::NoUsableRows {
+                rows: self.total_rows,
+            }));
+        }
         loop {
             if self.done {
                 return None;

@@ -185,8 +185,8 @@ fn generate_table(a: GenArgs) -> Result<()> {
         "generation: prompt {} tokens, {} new tokens, {} ({}){}",
         a.prompt_len,
         a.new_tokens,
-        a.dev.device,
-        a.dev.dtype,
+        a.dev.device_name(),
+        a.dev.dtype_name(),
         if total > 0 {
             format!(", {:.1}M params", total as f64 / 1e6)
         } else {
@@ -247,7 +247,12 @@ fn train_table(a: TrainArgs) -> Result<()> {
                 "--steps",
                 &a.steps.to_string(),
             ])
-            .args(["--device", &a.dev.device, "--dtype", &a.dev.dtype])
+            .args([
+                "--device",
+                a.dev.device_name(),
+                "--dtype",
+                a.dev.dtype_name(),
+            ])
             .output()?;
         if !out.status.success() {
             bail!(
@@ -266,8 +271,8 @@ fn train_table(a: TrainArgs) -> Result<()> {
         "one training step: {} x {} tokens, {} ({}), {} threads",
         a.batch_size,
         a.seq_len,
-        a.dev.device,
-        a.dev.dtype,
+        a.dev.device_name(),
+        a.dev.dtype_name(),
         rayon_threads()
     );
     println!("| mode | params (M) | trainable | step time (s) | peak RSS (MB) |");

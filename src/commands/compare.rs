@@ -13,7 +13,8 @@
 //! sigmoid DPO loss, with the run's own beta; the reference is the start model (adapters off
 //! for LoRA runs, the `--model` folder the run started from for full fine-tuning).
 
-use super::common::{load_frozen, next_batch, pair_batch, source, PairBatch};
+use super::common::load_frozen;
+use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use super::DeviceArgs;
 use crate::lora::Fwd;
 use crate::plot::{plot_overlay, OverlayPanel};
@@ -481,7 +482,8 @@ fn score_dpo_run(
     let beta = run.f64("beta").unwrap_or(0.1);
     let tok = TokenizerBundle::from_dir(&start)
         .with_context(|| format!("tokenizer of {}", start.display()))?;
-    let src = source(data)?;
+    let src =
+        align_datasets::Source::from_paths(data).with_context(|| format!("data {data:?}"))?;
     let mut stream =
         PreferenceStream::open(&src, StreamOptions::default(), tok.chat_template.as_ref())?;
     let mut stats = TruncationStats::default();
@@ -489,7 +491,7 @@ fn score_dpo_run(
     while out.len() < args.max_items {
         let want = args.batch_size.min(args.max_items - out.len());
         let Some(PairBatch { pairs, rows }) =
-            next_batch(&mut stream, &tok, trunc, &mut stats, want)?
+            next_batch(&mut stream, &tok, trunc, &mut stats, want, u64::MAX)?
         else {
             break;
         };

@@ -2,9 +2,10 @@
 //! JSON lines. Tokenization follows TRL: the prompt with the tokenizer's special tokens, each
 //! completion without them plus EOS; sums run over completion tokens only.
 
-use super::common::{load_frozen, next_batch, pair_batch, source, PairBatch};
+use super::common::load_frozen;
 use super::DeviceArgs;
 use crate::lora::Fwd;
+use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use align_datasets::{
     PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
 };
@@ -45,7 +46,8 @@ pub fn run(args: Args) -> Result<()> {
     let (policy, _) = load_frozen(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tok = TokenizerBundle::from_dir(&args.model)
         .with_context(|| format!("tokenizer of {}", args.model.display()))?;
-    let src = source(&args.data)?;
+    let src = align_datasets::Source::from_paths(&args.data)
+        .with_context(|| format!("data {:?}", args.data))?;
     let mut stream =
         PreferenceStream::open(&src, StreamOptions::default(), tok.chat_template.as_ref())?;
     let trunc = TruncationOptions {
@@ -61,9 +63,14 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
     );
     let mut n = 0usize;
-    while let Some(PairBatch { pairs, rows }) =
-        next_batch(&mut stream, &tok, &trunc, &mut stats, args.batch_size)?
-    {
+    while let Some(PairBatch { pairs, rows }) = next_batch(
+        &mut stream,
+        &tok,
+        &trunc,
+        &mut stats,
+        args.batch_size,
+        u64::MAX,
+    )? {
         let b = pairs.len();
         let batch = pair_batch(&pairs, tok.pad_id(), &policy)?;
         let lp: Vec<f64> = policy

@@ -1,10 +1,13 @@
-//! One module per subcommand: its flags (`Args`) and its `run`.
+//! One module per subcommand: its flags (`Args`) and its `run`. The training commands
+//! (dpo, sft, grpo) only turn flags into settings and hand them to [`crate::train`]; their
+//! flag groups are defined once in [`flags`].
 
 pub mod bench;
 pub mod common;
 pub mod compare;
 pub mod convert;
 pub mod dpo;
+pub mod flags;
 pub mod generate;
 pub mod grpo;
 pub mod init;
@@ -14,43 +17,37 @@ pub mod sft;
 pub mod sweep;
 pub mod tokenizer;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 /// Flags shared by every command that loads a model.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct DeviceArgs {
-    /// Device: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Weight dtype: f32, bf16, f16 (log-softmax always runs in f32).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Device: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`) [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Weight dtype: f32, bf16, f16, f64 (log-softmax always runs in f32) [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 impl DeviceArgs {
+    pub fn device_name(&self) -> &str {
+        self.device.as_deref().unwrap_or("cpu")
+    }
+    pub fn dtype_name(&self) -> &str {
+        self.dtype.as_deref().unwrap_or("f32")
+    }
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
+        parse_device(self.device_name())
     }
     pub fn dtype(&self) -> Result<DType> {
-        parse_dtype(&self.dtype)
+        parse_dtype(self.dtype_name())
     }
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ord = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>())
-                .transpose()
-                .context("cuda ordinal")?;
-            Device::new_cuda(ord.unwrap_or(0))
-                .context("opening the CUDA device (was align built with --features cuda?)")
-        }
-        other => bail!("unknown device `{other}` (cpu, cuda, cuda:N)"),
-    }
+    Ok(crate::train::parse_device(s)?)
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -61,17 +58,4 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f64" | "float64" => DType::F64,
         other => bail!("unknown dtype `{other}` (f32, bf16, f16, f64)"),
     })
-}
-
-/// Draw the run's curves beside metrics.jsonl (metrics.png); a plotting failure is reported,
-/// never fatal: the run's outputs are already saved.
-pub fn finish_plot(metrics: &std::path::Path, series: &[&str]) -> Option<std::path::PathBuf> {
-    let out = metrics.with_file_name("metrics.png");
-    match crate::plot::plot_metrics(metrics, &out, series) {
-        Ok(()) => Some(out),
-        Err(e) => {
-            eprintln!("warning: could not draw {}: {e}", out.display());
-            None
-        }
-    }
 }

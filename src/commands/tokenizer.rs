@@ -1,16 +1,11 @@
 //! `align tokenizer train`: train a byte-level BPE `tokenizer.json` (+ `tokenizer_config.json`
 //! with a chat template) on the text columns of parquet files.
 //!
-//! Also home of a small streaming parquet reader ([`ParquetTable`]) for text and chat-message
-//! columns that `align sft` shares.
+//! Texts are read with [`crate::table::ParquetTable`].
 
-use align_datasets::{ChatTemplate, Message, Source};
+use crate::table::{cell, Cell, ParquetTable};
+use align_datasets::{ChatTemplate, ColumnKind, Source};
 use anyhow::{anyhow, bail, Context, Result};
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::DataType;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use parquet::arrow::ProjectionMask;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -257,8 +252,8 @@ impl<'a> TextIter<'a> {
                 Some(cols) => {
                     for c in cols {
                         match t.kind(c) {
-                            Some(CellKind::Text) | Some(CellKind::Messages) => {}
-                            Some(CellKind::Other) => bail!(
+                            Some(ColumnKind::Text) | Some(ColumnKind::Messages) => {}
+                            Some(ColumnKind::Scalar) | Some(ColumnKind::Other) => bail!(
                                 "{}: column `{c}` is neither a string nor a list of {{role, content}} messages",
                                 f.display()
                             ),
@@ -368,179 +363,6 @@ impl Iterator for TextIter<'_> {
                     return None;
                 }
             }
-        }
-    }
-}
-
-/// What a column holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CellKind {
-    Text,
-    Messages,
-    Other,
-}
-
-/// One cell.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Cell {
-    Null,
-    Text(String),
-    Messages(Vec<Message>),
-    Other,
-}
-
-pub fn kind_of(dt: &DataType) -> CellKind {
-    match dt {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => CellKind::Text,
-        DataType::List(f) | DataType::LargeList(f) => match f.data_type() {
-            DataType::Struct(fields)
-                if fields.iter().any(|f| f.name() == "role")
-                    && fields.iter().any(|f| f.name() == "content") =>
-            {
-                CellKind::Messages
-            }
-            _ => CellKind::Other,
-        },
-        _ => CellKind::Other,
-    }
-}
-
-fn text_in(col: &ArrayRef, row: usize) -> Option<String> {
-    if row >= col.len() || col.is_null(row) {
-        return None;
-    }
-    match col.data_type() {
-        DataType::Utf8 => Some(col.as_string::<i32>().value(row).to_string()),
-        DataType::LargeUtf8 => Some(col.as_string::<i64>().value(row).to_string()),
-        DataType::Utf8View => Some(col.as_string_view().value(row).to_string()),
-        _ => None,
-    }
-}
-
-/// Reads one cell of a column (text, chat messages, null, or something else).
-pub fn cell(col: &ArrayRef, row: usize) -> Cell {
-    if row >= col.len() || col.is_null(row) {
-        return Cell::Null;
-    }
-    match kind_of(col.data_type()) {
-        CellKind::Text => text_in(col, row).map(Cell::Text).unwrap_or(Cell::Null),
-        CellKind::Messages => {
-            let inner: ArrayRef = match col.data_type() {
-                DataType::List(_) => col.as_list::<i32>().value(row),
-                DataType::LargeList(_) => col.as_list::<i64>().value(row),
-                _ => return Cell::Other,
-            };
-            let Some(s) = inner.as_struct_opt() else {
-                return Cell::Other;
-            };
-            let (Some(role), Some(content)) =
-                (s.column_by_name("role"), s.column_by_name("content"))
-            else {
-                return Cell::Other;
-            };
-            let mut msgs = Vec::with_capacity(s.len());
-            for i in 0..s.len() {
-                match (text_in(role, i), text_in(content, i)) {
-                    (Some(r), Some(c)) => msgs.push(Message::new(r, c)),
-                    _ => return Cell::Other,
-                }
-            }
-            Cell::Messages(msgs)
-        }
-        CellKind::Other => Cell::Other,
-    }
-}
-
-/// A parquet file read batch by batch, restricted to some top-level columns.
-pub struct ParquetTable {
-    pub path: PathBuf,
-    schema: arrow::datatypes::SchemaRef,
-    reader: Option<ParquetRecordBatchReader>,
-    /// File row index of the first row of the next batch.
-    pub row_base: usize,
-}
-
-impl ParquetTable {
-    /// Opens `path` reading only `columns` (which must exist); with no columns, only the
-    /// schema is read (for probing).
-    pub fn open(path: &Path, columns: &[String]) -> Result<Self> {
-        let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-        let schema = b.schema().clone();
-        let reader = if columns.is_empty() {
-            None
-        } else {
-            let mut idx = Vec::new();
-            for c in columns {
-                let i = schema.index_of(c).map_err(|_| {
-                    anyhow!(
-                        "{}: no column `{c}` (columns: {})",
-                        path.display(),
-                        schema
-                            .fields()
-                            .iter()
-                            .map(|f| f.name().as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?;
-                idx.push(i);
-            }
-            let mask = ProjectionMask::roots(b.parquet_schema(), idx);
-            Some(
-                b.with_projection(mask)
-                    .with_batch_size(1024)
-                    .build()
-                    .with_context(|| format!("{}: reading", path.display()))?,
-            )
-        };
-        Ok(ParquetTable {
-            path: path.to_path_buf(),
-            schema,
-            reader,
-            row_base: 0,
-        })
-    }
-
-    pub fn column_names(&self) -> Vec<String> {
-        self.schema
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect()
-    }
-
-    pub fn kind(&self, column: &str) -> Option<CellKind> {
-        self.schema
-            .field_with_name(column)
-            .ok()
-            .map(|f| kind_of(f.data_type()))
-    }
-
-    /// Every string or chat-message column, in schema order.
-    pub fn text_like_columns(&self) -> Vec<String> {
-        self.schema
-            .fields()
-            .iter()
-            .filter(|f| kind_of(f.data_type()) != CellKind::Other)
-            .map(|f| f.name().clone())
-            .collect()
-    }
-
-    /// The next record batch, or `None` at the end of the file.
-    pub fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
-        let Some(r) = self.reader.as_mut() else {
-            return Ok(None);
-        };
-        match r.next() {
-            None => Ok(None),
-            Some(Ok(b)) => Ok(Some(b)),
-            Some(Err(e)) => Err(anyhow!(
-                "{}: reading rows from {}: {e}",
-                self.path.display(),
-                self.row_base
-            )),
         }
     }
 }
