@@ -392,7 +392,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn dpo_bench(a: DpoArgs) -> Result<()> {
-    use super::common::{next_batch, pair_batch, source};
+    use crate::train::dpo::{next_batch, pair_batch};
     use align_algorithms::dpo::{dpo_loss, DpoConfig, DpoInputs};
     use align_algorithms::optim::clip_grad_norm;
     use align_datasets::{
@@ -425,7 +425,8 @@ fn dpo_bench(a: DpoArgs) -> Result<()> {
         max_prompt_length: Some(a.max_prompt_length),
         max_length: Some(a.max_length),
     };
-    let src = source(&a.data)?;
+    let src = align_datasets::Source::from_paths(&a.data)
+        .with_context(|| format!("data {:?}", a.data))?;
     let opts = StreamOptions {
         shuffle: false,
         loop_epochs: true,
@@ -435,7 +436,7 @@ fn dpo_bench(a: DpoArgs) -> Result<()> {
     let mut stats = TruncationStats::default();
     let mut batches = Vec::with_capacity(a.steps);
     for step in 0..a.steps {
-        let b = next_batch(&mut stream, &tok, &trunc, &mut stats, a.batch_size)?
+        let b = next_batch(&mut stream, &tok, &trunc, &mut stats, a.batch_size, u64::MAX)?
             .with_context(|| format!("{:?}: no usable pair for step {}", a.data, step + 1))?;
         batches.push(b.pairs);
     }
@@ -487,8 +488,8 @@ fn dpo_bench(a: DpoArgs) -> Result<()> {
             a.steps,
             a.batch_size,
             a.max_length,
-            a.dev.device,
-            a.dev.dtype,
+            a.dev.device_name(),
+            a.dev.dtype_name(),
             rayon_threads()
         );
     }
