@@ -23,7 +23,8 @@ pub use grpo::{
     group_advantages, grpo_loss, GrpoConfig, GrpoInputs, GrpoLossType, GrpoMetrics, ScaleRewards,
 };
 pub use optim::{
-    clip_grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWState, LrScheduleKind, LrScheduler,
+    clip_grad_norm, clip_grad_norm_tensor, AdamW, AdamWConfig, AdamWMeta, AdamWState,
+    LrScheduleKind, LrScheduler,
 };
 pub use policy::{Policy, TokenBatch};
 pub use ppo::{
