@@ -39,6 +39,10 @@ enum Command {
     Tokenizer(commands::tokenizer::Args),
     /// Benchmarks: one training step LoRA vs full fine-tuning (time and peak memory).
     Bench(commands::bench::Args),
+    /// Compare runs (LoRA vs full fine-tuning): overlaid curves, settings and costs, and a verdict on held-out data.
+    Compare(commands::compare::Args),
+    /// Learning-rate grid for LoRA and full fine-tuning, run one after another (resumable); then `align compare DIR`.
+    Sweep(commands::sweep::Args),
 }
 
 fn main() {
@@ -53,6 +57,8 @@ fn main() {
         Command::Init(a) => commands::init::run(a),
         Command::Tokenizer(a) => commands::tokenizer::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Compare(a) => commands::compare::run(a),
+        Command::Sweep(a) => commands::sweep::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -291,6 +291,146 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// One panel of an overlay: the same metric of several runs, one line each.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct OverlayPanel {
+    pub name: String,
+    pub x_label: String,
+    /// `(run name, points)`, in run order (the colours follow it).
+    pub lines: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Colours of the runs in an overlay (tab10's first six, then grey).
+const RUN_COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn run_colour(i: usize) -> RGBColor {
+    RUN_COLOURS
+        .get(i)
+        .copied()
+        .unwrap_or(RGBColor(127, 127, 127))
+}
+
+/// Draws `panels` (several runs per panel) to a PNG, or an SVG when `out` ends in `.svg`.
+/// Long noisy lines are smoothed as in `metrics.png`.
+pub fn plot_overlay(panels: &[OverlayPanel], out: &Path) -> Result<()> {
+    let panels: Vec<&OverlayPanel> = panels
+        .iter()
+        .filter(|p| p.lines.iter().any(|l| !l.1.is_empty()))
+        .collect();
+    if panels.is_empty() {
+        bail!("{}: nothing to draw (no series has a point)", out.display());
+    }
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
+    });
+    let cols = match panels.len() {
+        1 => 1,
+        2..=4 => 2,
+        _ => 3,
+    };
+    let rows = panels.len().div_ceil(cols);
+    let size = (PANEL_W * cols as u32, PANEL_H * rows as u32);
+    let svg = out.extension().and_then(|e| e.to_str()) == Some("svg");
+    let result = if svg {
+        draw_overlay(
+            SVGBackend::new(out, size).into_drawing_area(),
+            &panels,
+            (rows, cols),
+        )
+    } else {
+        draw_overlay(
+            BitMapBackend::new(out, size).into_drawing_area(),
+            &panels,
+            (rows, cols),
+        )
+    };
+    result.map_err(|e| anyhow::anyhow!("drawing {}: {e}", out.display()))
+}
+
+fn draw_overlay<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    panels: &[&OverlayPanel],
+    grid: (usize, usize),
+) -> std::result::Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    for (p, area) in panels.iter().zip(root.split_evenly(grid).iter()) {
+        let all = p.lines.iter().flat_map(|l| l.1.iter());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in all {
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        }
+        if x1 <= x0 {
+            (x0, x1) = (x0 - 1.0, x1 + 1.0);
+        }
+        let pad = if y1 > y0 {
+            (y1 - y0) * 0.08
+        } else {
+            y0.abs().max(1e-3) * 0.1
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(&p.name, (FAMILY, 15))
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(52)
+            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(235, 235, 235))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .x_labels(5)
+            .y_labels(5)
+            .x_desc(p.x_label.as_str())
+            .label_style((FAMILY, 11))
+            .axis_desc_style((FAMILY, 11))
+            .x_label_formatter(&|x| fmt_num(*x))
+            .y_label_formatter(&|y| fmt_num(*y))
+            .draw()?;
+        for (i, (run, pts)) in p.lines.iter().enumerate() {
+            if pts.is_empty() {
+                continue;
+            }
+            let c = run_colour(i);
+            let line = if pts.len() > 30 {
+                smooth(pts, (pts.len() / 40).max(2))
+            } else {
+                pts.clone()
+            };
+            let last = pts.last().map(|l| fmt_num(l.1)).unwrap_or_default();
+            chart
+                .draw_series(
+                    LineSeries::new(line, c.stroke_width(2)).point_size(if pts.len() <= 12 {
+                        3
+                    } else {
+                        0
+                    }),
+                )?
+                .label(format!("{run} (last {last})"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(RGBColor(200, 200, 200))
+            .label_font((FAMILY, 11))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

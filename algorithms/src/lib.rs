@@ -16,6 +16,7 @@ pub mod policy;
 pub mod ppo;
 pub mod reward_model;
 pub mod sft;
+pub mod stats;
 
 pub use dpo::{dpo_loss, DpoConfig, DpoInputs, DpoLossType, DpoMetrics};
 pub use error::{Error, Result};

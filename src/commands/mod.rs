@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod compare;
 pub mod dpo;
 pub mod generate;
 pub mod grpo;
@@ -9,6 +10,7 @@ pub mod init;
 pub mod logprobs;
 pub mod merge;
 pub mod sft;
+pub mod sweep;
 pub mod tokenizer;
 
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,209 @@
+//! `align compare` end to end on small DPO runs of the embedded default model: two identical
+//! runs give parity (a zero-width interval), a deliberately crippled run — trained on the same
+//! pairs with chosen and rejected swapped — is found behind, and the report carries the
+//! curves, the differing settings and the costs.
+
+mod common;
+
+use arrow::array::{ArrayRef, StringArray};
+use arrow::record_batch::RecordBatch;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+fn align() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_align"))
+}
+
+fn assets(p: &str) -> PathBuf {
+    common::root().join("assets/default").join(p)
+}
+
+fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("spawn align");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "align failed:\n{err}");
+    (String::from_utf8_lossy(&out.stdout).to_string(), err)
+}
+
+/// The default's training pairs with chosen and rejected swapped.
+fn swapped_pairs(dst: &Path) {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let f = std::fs::File::open(assets("prefs-train.parquet")).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut cols: [Vec<String>; 3] = Default::default();
+    for batch in reader {
+        let batch = batch.unwrap();
+        for (i, name) in ["prompt", "chosen", "rejected"].iter().enumerate() {
+            let a = batch.column_by_name(name).unwrap();
+            let a = a.as_any().downcast_ref::<StringArray>().unwrap();
+            cols[i].extend(a.iter().map(|s| s.unwrap().to_string()));
+        }
+    }
+    let [prompt, chosen, rejected] = cols;
+    let arr = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
+    let batch = RecordBatch::try_from_iter([
+        ("prompt", arr(prompt)),
+        ("chosen", arr(rejected)),
+        ("rejected", arr(chosen)),
+    ])
+    .unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(dst).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+fn dpo(out: &Path, data: &Path, extra: &[&str]) {
+    let mut cmd = align();
+    cmd.arg("dpo")
+        .arg("--model")
+        .arg(assets("model"))
+        .arg("--data")
+        .arg(data)
+        .arg("--eval-data")
+        .arg(assets("prefs-eval.parquet"))
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--rank",
+            "4",
+            "--seed",
+            "5",
+            "--max-length",
+            "96",
+            "--max-prompt-length",
+            "48",
+        ])
+        .args(extra);
+    run_ok(&mut cmd);
+}
+
+fn compare(runs: &[&Path], out: &Path) -> (String, serde_json::Value) {
+    let mut cmd = align();
+    cmd.arg("compare").args(runs).arg("--out").arg(out).args([
+        "--max-items",
+        "96",
+        "--resamples",
+        "2000",
+    ]);
+    let (stdout, _) = run_ok(&mut cmd);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    (stdout, json)
+}
+
+fn accuracy_verdict<'a>(report: &'a serde_json::Value, run: &str) -> &'a serde_json::Value {
+    report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["run"] == run && v["metric"] == "accuracy")
+        .unwrap_or_else(|| panic!("no accuracy verdict for {run}: {report:#}"))
+}
+
+#[test]
+fn identical_runs_are_at_parity_and_a_crippled_run_is_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a2, bad) = (
+        dir.path().join("lora"),
+        dir.path().join("lora-again"),
+        dir.path().join("swapped"),
+    );
+    let swapped = dir.path().join("swapped.parquet");
+    swapped_pairs(&swapped);
+    dpo(&a, &assets("prefs-train.parquet"), &[]);
+    dpo(&a2, &assets("prefs-train.parquet"), &[]);
+    dpo(&bad, &swapped, &[]);
+
+    // Same settings, same seed: the same adapter, so every paired difference is 0.
+    let (stdout, report) = compare(&[&a, &a2], &dir.path().join("cmp-same"));
+    let v = accuracy_verdict(&report, "lora-again");
+    assert_eq!(v["verdict"]["verdict"], "parity", "{v:#}");
+    assert_eq!(v["diff"]["lo"], 0.0);
+    assert_eq!(v["diff"]["hi"], 0.0);
+    assert!(
+        stdout.contains("lora-again: parity with lora on accuracy"),
+        "{stdout}"
+    );
+    // The runs share their eval_data, so compare scored on it without being told.
+    assert!(v["diff"]["n"].as_u64().unwrap() == 96, "{v:#}");
+
+    // Trained to prefer the shuffled replies: far behind, with an interval excluding 0.
+    let (stdout, report) = compare(&[&a, &bad], &dir.path().join("cmp-bad"));
+    let v = accuracy_verdict(&report, "swapped");
+    assert_eq!(v["verdict"]["verdict"], "ahead", "{v:#}");
+    assert_eq!(v["verdict"]["ahead"], "a", "{v:#}");
+    let (lo, hi, diff) = (
+        v["diff"]["lo"].as_f64().unwrap(),
+        v["diff"]["hi"].as_f64().unwrap(),
+        v["diff"]["diff"].as_f64().unwrap(),
+    );
+    assert!(hi < 0.0 && lo <= diff && diff <= hi, "{v:#}");
+    assert!(v["diff"]["mean_a"].as_f64().unwrap() > 0.6, "{v:#}");
+    assert!(v["diff"]["mean_b"].as_f64().unwrap() < 0.4, "{v:#}");
+    assert!(stdout.contains("lora ahead of swapped"), "{stdout}");
+
+    // The report: the data differs between the runs, the curves are drawn, costs are read.
+    let md = std::fs::read_to_string(dir.path().join("cmp-bad/report.md")).unwrap();
+    let data_row = md.lines().find(|l| l.starts_with("| data |")).unwrap();
+    assert!(data_row.contains("swapped.parquet") && data_row.contains("prefs-train.parquet"));
+    assert!(
+        md.contains("![curves-by-step.png](curves-by-step.png)"),
+        "{md}"
+    );
+    for x in ["step", "examples", "tokens"] {
+        for ext in ["png", "svg"] {
+            let p = dir.path().join(format!("cmp-bad/curves-by-{x}.{ext}"));
+            assert!(
+                std::fs::metadata(&p).unwrap().len() > 1000,
+                "{}",
+                p.display()
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(dir.path().join("cmp-bad/curves-by-step.svg")).unwrap();
+    assert!(svg.contains("rewards/accuracies") && svg.contains("swapped"));
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs[0]["cost"]["steps"], 6);
+    // LoRA r=4 on every linear layer of the default (4 layers x 7 modules, A and B).
+    assert!(runs[0]["cost"]["trainable_params"].as_u64().unwrap() > 0);
+    assert!(runs[0]["cost"]["train_time_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn compare_refuses_what_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = align()
+        .args(["compare"])
+        .arg(dir.path())
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("cmp"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a run folder") && err.contains("settings.json"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let one = align().args(["compare", "a-single-run"]).output().unwrap();
+    assert!(!one.status.success());
+    assert!(String::from_utf8_lossy(&one.stderr).contains("at least two run folders"));
+}
