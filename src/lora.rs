@@ -193,9 +193,10 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| b.tensor());
-        // Fused path: frozen base + adapter, no dropout, on the CPU.
+        // Fused path: frozen base + adapter, no dropout, on the CPU or CUDA.
         if let (true, Some(l), Param::Frozen(w)) = (fwd.adapters, &self.lora, &self.weight) {
-            if x.device().is_cpu() && (l.rng.is_none() || !fwd.train) {
+            let fused_device = x.device().is_cpu() || x.device().is_cuda();
+            if fused_device && (l.rng.is_none() || !fwd.train) {
                 let in_dim = x.dim(candle_core::D::Minus1)?;
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();

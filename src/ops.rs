@@ -171,7 +171,8 @@ pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Ten
 /// `B [out, r]`, as one op: the LoRA branch is added into the base product's buffer, so no
 /// output-sized intermediate is kept for backward (a composite of candle ops keeps three).
 /// Backward: `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`; nothing for W.
-/// CPU only; callers use the composite path elsewhere.
+/// CPU and CUDA (on CUDA the scaled branch is one cuBLAS product plus an add kernel, not added
+/// in place); callers use the composite path on other devices.
 pub fn lora_linear(x2: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     x2.apply_op3(
         a,
@@ -248,6 +249,38 @@ impl candle_core::CustomOp3 for LoraLinear {
         let bt = bl.transpose(0, 1)?;
         let d = h.matmul(bs, (1, n, out, r), &hl, &bt)?;
         Ok((add_scaled(y, &d, self.scale)?, Shape::from((n, out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (out, _) = bl.shape().dims2()?;
+        let wt = self.w.t()?;
+        let (ws, wl) = wt.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("lora_linear: weight is not on the CUDA device")
+        };
+        let y = xs.matmul(ws, (1, n, out, k), xl, wl)?;
+        let h = xs.matmul(as_, (1, n, r, k), xl, &al.transpose(0, 1)?)?;
+        let d = h.matmul(
+            bs,
+            (1, n, out, r),
+            &Layout::contiguous((n, r)),
+            &bl.transpose(0, 1)?,
+        )?;
+        let ol = Layout::contiguous((n, out));
+        let y =
+            y.binary_impl::<candle_core::op::Add>(&d.affine(&ol, self.scale, 0.0)?, &ol, &ol)?;
+        Ok((y, Shape::from((n, out))))
     }
 
     fn bwd(

@@ -12,7 +12,7 @@ use crate::error::{write_atomic, Error};
 use crate::error::{Context, Result};
 use crate::policy::{Policy, TrainMode};
 use align_algorithms::optim::{
-    clip_grad_norm, AdamW, AdamWConfig, AdamWState, LrScheduleKind, LrScheduler,
+    clip_grad_norm_tensor, AdamW, AdamWConfig, AdamWState, LrScheduleKind, LrScheduler,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -129,15 +129,16 @@ impl Trainer {
         mut f: impl FnMut(&Policy, usize) -> Result<(Tensor, Metrics)>,
     ) -> Result<StepOutcome> {
         let t0 = Instant::now();
+        let reads0 = align_algorithms::ops::host_reads();
         let mut total: Option<GradStore> = None;
         let mut metrics = Metrics::new();
         let n = micro_batches.max(1);
+        // The losses and the gradient norm stay on the device until one read after clipping
+        // (on CUDA every read waits for the queued work).
+        let mut losses = Vec::with_capacity(n + 1);
         for i in 0..n {
             let (loss, m) = f(&self.policy, i)?;
-            let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !loss_v.is_finite() {
-                return self.nonfinite(format!("loss is {loss_v}"));
-            }
+            losses.push(loss.detach());
             let grads = (loss / n as f64)?.backward()?;
             total = Some(match total {
                 None => grads,
@@ -160,7 +161,16 @@ impl Trainer {
         }
         let mut grads = total.expect("at least one micro-batch");
         let refs: Vec<&Var> = self.vars.iter().map(|(_, v)| v).collect();
-        let grad_norm = clip_grad_norm(&mut grads, &refs, self.settings.max_grad_norm)?;
+        losses.push(clip_grad_norm_tensor(
+            &mut grads,
+            &refs,
+            self.settings.max_grad_norm,
+        )?);
+        let values = align_algorithms::ops::read_f64s(&losses)?;
+        let grad_norm = values[n];
+        if let Some(bad) = values[..n].iter().find(|v| !v.is_finite()) {
+            return self.nonfinite(format!("loss is {bad}"));
+        }
         if !grad_norm.is_finite() {
             return self.nonfinite(format!("gradient norm is {grad_norm}"));
         }
@@ -177,6 +187,10 @@ impl Trainer {
             );
         }
         metrics.insert("step_time_s".into(), t0.elapsed().as_secs_f64());
+        metrics.insert(
+            "host_reads".into(),
+            (align_algorithms::ops::host_reads() - reads0) as f64,
+        );
         Ok(StepOutcome::Stepped(metrics))
     }
 

@@ -2,6 +2,7 @@
 //! `tests/fixtures/gen_parity.py`; see tests/fixtures/README.md): per-sequence completion
 //! log-probs of tiny llama, qwen2 (non-zero q/k/v biases), qwen3 and qwen3_moe models with the
 //! adapter off and on, and the gradient of a loss with respect to every LoRA A and B.
+//! The models run on `ALIGN_TEST_DEVICE` (default the CPU; `scripts/gpu-check.sh` sets `cuda`).
 
 mod common;
 
@@ -44,7 +45,7 @@ fn fixture_batch(dtype: DType) -> TokenBatch {
         .iter()
         .map(|(p, c)| (p.as_slice(), c.as_slice()))
         .collect();
-    TokenBatch::from_pairs(&refs, 0, dtype, &Device::Cpu).unwrap()
+    TokenBatch::from_pairs(&refs, 0, dtype, &common::device()).unwrap()
 }
 
 fn expected_logps(exp: &Value, which: &str) -> Vec<f64> {
@@ -59,7 +60,7 @@ fn expected_logps(exp: &Value, which: &str) -> Vec<f64> {
 
 fn load(model: &str, adapter: Option<&str>, dtype: DType) -> Policy {
     let dir = common::fixtures().join("models").join(model);
-    let mut p = Policy::load(&dir, TrainMode::Frozen, dtype, &Device::Cpu).unwrap();
+    let mut p = Policy::load(&dir, TrainMode::Frozen, dtype, &common::device()).unwrap();
     if let Some(a) = adapter {
         align::peft::load_adapter(&mut p, &common::fixtures().join("adapters").join(a)).unwrap();
     }

@@ -28,7 +28,7 @@
 //! * `rewards/accuracies` etc. are means over this batch only (no cross-process gather).
 
 use crate::error::{bail_config, bail_shape, Result};
-use crate::ops::{log_sigmoid, mean_f32, relu_like_torch, same_shapes};
+use crate::ops::{log_sigmoid, read_f64s, relu_like_torch, same_shapes};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -214,12 +214,21 @@ pub fn dpo_loss(x: &DpoInputs, cfg: &DpoConfig) -> Result<(Tensor, DpoMetrics)> 
 }
 
 fn metrics(rc: &Tensor, rr: &Tensor, lc: &Tensor, lr: &Tensor) -> Result<DpoMetrics> {
+    // One host read for all six means.
+    let v = read_f64s(&[
+        rc.mean_all()?,
+        rr.mean_all()?,
+        rc.gt(rr)?.to_dtype(DType::F32)?.mean_all()?,
+        (rc - rr)?.mean_all()?,
+        lc.detach().mean_all()?,
+        lr.detach().mean_all()?,
+    ])?;
     Ok(DpoMetrics {
-        rewards_chosen: mean_f32(rc)?,
-        rewards_rejected: mean_f32(rr)?,
-        rewards_accuracies: mean_f32(&rc.gt(rr)?.to_dtype(DType::F32)?)?,
-        rewards_margins: mean_f32(&(rc - rr)?)?,
-        logps_chosen: mean_f32(&lc.detach())?,
-        logps_rejected: mean_f32(&lr.detach())?,
+        rewards_chosen: v[0] as f32,
+        rewards_rejected: v[1] as f32,
+        rewards_accuracies: v[2] as f32,
+        rewards_margins: v[3] as f32,
+        logps_chosen: v[4] as f32,
+        logps_rejected: v[5] as f32,
     })
 }

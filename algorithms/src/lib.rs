@@ -24,7 +24,8 @@ pub use grpo::{
     group_advantages, grpo_loss, GrpoConfig, GrpoInputs, GrpoLossType, GrpoMetrics, ScaleRewards,
 };
 pub use optim::{
-    clip_grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWState, LrScheduleKind, LrScheduler,
+    clip_grad_norm, clip_grad_norm_tensor, AdamW, AdamWConfig, AdamWMeta, AdamWState,
+    LrScheduleKind, LrScheduler,
 };
 pub use ppo::{
     gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, ppo_total_loss, ppo_value_loss,

@@ -48,9 +48,38 @@ pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(&m)?.sum_all()?.div(&m.sum_all()?)?)
 }
 
-/// Read a scalar tensor (any float dtype) as `f64`.
+thread_local! {
+    static HOST_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count_host_read() {
+    HOST_READS.with(|c| c.set(c.get() + 1));
+}
+
+/// How many device-to-host reads [`scalar_f64`] and [`read_f64s`] have made on this thread.
+/// On CUDA each one waits for the device to finish its queued work, so the training step
+/// keeps them to a few per step; the trainer logs the count per step as `host_reads`.
+pub fn host_reads() -> u64 {
+    HOST_READS.with(|c| c.get())
+}
+
+/// Read a scalar tensor (any float dtype) as `f64` (one counted host read).
 pub fn scalar_f64(x: &Tensor) -> Result<f64> {
+    count_host_read();
     Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Read several scalar tensors (any float dtypes, one device) as `f64`s in one counted host read.
+pub fn read_f64s(xs: &[Tensor]) -> Result<Vec<f64>> {
+    if xs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let flat = xs
+        .iter()
+        .map(|x| x.to_dtype(DType::F64)?.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    count_host_read();
+    Ok(Tensor::cat(&flat, 0)?.to_vec1::<f64>()?)
 }
 
 /// Mean of all elements as `f32` (for metrics).

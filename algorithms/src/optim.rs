@@ -17,6 +17,12 @@
 //!
 //! Departures: no amsgrad/maximize/foreach/fused variants; `max_norm <= 0` disables clipping
 //! (the norm is still returned); state is stored as safetensors (moments) + JSON (steps, hyper-params).
+//!
+//! Devices and dtypes: the moments are f32 whatever the parameter dtype (bf16/f16 parameters
+//! are updated in f32 and rounded once). f32 parameters on the CPU take one pass over plain
+//! slices; everything else (CUDA, half types) runs the same formula as tensor ops on the
+//! parameter's device, so no parameter, gradient or moment leaves the device. Clipping computes
+//! the norm and the coefficient on the device too ([`clip_grad_norm_tensor`]).
 
 use crate::error::{bail_config, Result};
 use candle_core::backprop::GradStore;
@@ -99,6 +105,7 @@ pub struct AdamW {
     slots: Vec<Slot>,
     cfg: AdamWConfig,
     step: u64,
+    tensor_ops: bool,
 }
 
 impl AdamW {
@@ -109,7 +116,7 @@ impl AdamW {
             if !seen.insert(name.clone()) {
                 bail_config!("AdamW: duplicate parameter name {name:?}");
             }
-            let z = var.as_tensor().zeros_like()?;
+            let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             slots.push(Slot {
                 name,
                 var,
@@ -122,7 +129,13 @@ impl AdamW {
             slots,
             cfg,
             step: 0,
+            tensor_ops: false,
         })
+    }
+    /// Update f32 CPU parameters with the tensor-op path too (the one CUDA and half-precision
+    /// parameters always take) instead of the slice loop; the two agree to float rounding.
+    pub fn set_tensor_ops(&mut self, on: bool) {
+        self.tensor_ops = on;
     }
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
@@ -159,28 +172,29 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(s.var.dtype())?;
             s.step += 1;
             let t = s.step as i32;
-            if s.var.dtype() == DType::F32 && s.var.device().is_cpu() {
+            let decay = 1.0 - lr * weight_decay;
+            let bc1 = 1.0 - beta1.powi(t);
+            let inv_bc2_sqrt = 1.0 / (1.0 - beta2.powi(t)).sqrt();
+            let step_size = lr / bc1;
+            if !self.tensor_ops && s.var.dtype() == DType::F32 && s.var.device().is_cpu() {
                 // One pass over plain slices instead of a dozen allocating tensor ops: the
                 // full fine-tuning step spent most of its optimizer time in allocations.
                 let shape = s.var.shape().clone();
                 let dev = s.var.device().clone();
                 let mut p: Vec<f32> = s.var.as_tensor().flatten_all()?.to_vec1()?;
-                let gv: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                let gv: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let mut m: Vec<f32> = s.exp_avg.flatten_all()?.to_vec1()?;
                 let mut v: Vec<f32> = s.exp_avg_sq.flatten_all()?.to_vec1()?;
-                let decay = (1.0 - lr * weight_decay) as f32;
-                let (b1, b2) = (beta1 as f32, beta2 as f32);
-                let bc1 = 1.0 - beta1.powi(t);
-                let inv_bc2_sqrt = (1.0 / (1.0 - beta2.powi(t)).sqrt()) as f32;
-                let step_size = (lr / bc1) as f32;
-                let eps = eps as f32;
+                // Every coefficient rounded from f64 once, as the tensor ops below do.
+                let (c1, b2, c2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+                let (decay, inv_bc2_sqrt) = (decay as f32, inv_bc2_sqrt as f32);
+                let (step_size, eps) = (step_size as f32, eps as f32);
                 for i in 0..p.len() {
                     let gi = gv[i];
-                    m[i] += (gi - m[i]) * (1.0 - b1);
-                    v[i] = v[i] * b2 + gi * gi * (1.0 - b2);
+                    m[i] += (gi - m[i]) * c1;
+                    v[i] = v[i] * b2 + gi * gi * c2;
                     let denom = v[i].sqrt() * inv_bc2_sqrt + eps;
                     p[i] = p[i] * decay - (m[i] / denom) * step_size;
                 }
@@ -189,16 +203,16 @@ impl AdamW {
                 s.var.set(&Tensor::from_vec(p, shape, &dev)?)?;
                 continue;
             }
-            let p = s.var.as_tensor().affine(1.0 - lr * weight_decay, 0.0)?;
+            // The same formula as tensor ops in f32 on the parameter's device.
+            let g = g.to_dtype(DType::F32)?;
+            let p = s.var.as_tensor().to_dtype(DType::F32)?.affine(decay, 0.0)?;
             // lerp(m, g, 1-β1) = m + (1-β1)(g - m)
-            s.exp_avg = (&s.exp_avg + ((&g - &s.exp_avg)? * (1.0 - beta1))?)?;
-            s.exp_avg_sq = ((&s.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let bc1 = 1.0 - beta1.powi(t);
-            let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            let step_size = lr / bc1;
-            let denom = ((s.exp_avg_sq.sqrt()? / bc2_sqrt)? + eps)?;
-            let p = (p - (s.exp_avg.div(&denom)? * step_size)?)?;
-            s.var.set(&p)?;
+            s.exp_avg = (&s.exp_avg + (&g - &s.exp_avg)?.affine(1.0 - beta1, 0.0)?)?;
+            s.exp_avg_sq =
+                (s.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
+            let denom = s.exp_avg_sq.sqrt()?.affine(inv_bc2_sqrt, eps)?;
+            let p = (p - s.exp_avg.div(&denom)?.affine(step_size, 0.0)?)?;
+            s.var.set(&p.to_dtype(s.var.dtype())?)?;
         }
         self.step += 1;
         Ok(())
@@ -241,7 +255,7 @@ impl AdamW {
                         ),
                     });
                 }
-                Ok(t.to_dtype(s.var.dtype())?.to_device(s.var.device())?)
+                Ok(t.to_dtype(DType::F32)?.to_device(s.var.device())?)
             };
             let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
             let Some(&ps) = st.meta.param_steps.get(&s.name) else {
@@ -305,24 +319,37 @@ impl LrScheduler {
 
 /// Global L2-norm clipping of the gradients of `vars` in `grads`, like
 /// `torch.nn.utils.clip_grad_norm_`. Returns the pre-clip total norm; `max_norm <= 0` only measures.
+/// Reads one scalar from the device; [`clip_grad_norm_tensor`] reads none.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
+    crate::ops::scalar_f64(&clip_grad_norm_tensor(grads, vars, max_norm)?)
+}
+
+/// [`clip_grad_norm`] without leaving the device: the per-tensor sums of squares (in f64), the
+/// total and the clip coefficient are device tensors; the pre-clip norm comes back as a 0-d
+/// f64 tensor for the caller to read with its other per-step scalars.
+pub fn clip_grad_norm_tensor(
+    grads: &mut GradStore,
+    vars: &[&Var],
+    max_norm: f64,
+) -> Result<Tensor> {
+    let mut sums = Vec::with_capacity(vars.len());
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            let n = g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            sq += n;
+            sums.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
     }
-    let total = sq.sqrt();
+    let total = if sums.is_empty() {
+        let dev = vars.first().map(|v| v.device().clone());
+        Tensor::zeros((), DType::F64, &dev.unwrap_or(candle_core::Device::Cpu))?
+    } else {
+        Tensor::stack(&sums, 0)?.sum_all()?.sqrt()?
+    };
     if max_norm > 0.0 {
-        let coef = (max_norm / (total + 1e-6)).min(1.0);
+        // coef = min(max_norm / (total + 1e-6), 1)
+        let coef = (total.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * coef)?;
+                let scaled = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
                 grads.insert(v.as_tensor(), scaled);
             }
         }

@@ -533,7 +533,7 @@ fn dpo_batch(
     let mut metrics: Metrics = m.to_map().into_iter().map(|(k, v)| (k, v as f64)).collect();
     metrics.insert(
         "loss".into(),
-        loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+        align_algorithms::ops::scalar_f64(&loss)?,
     );
     let tokens: usize = batch
         .pairs

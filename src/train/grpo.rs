@@ -706,7 +706,7 @@ pub fn grpo_micro_loss(
         m.to_map().into_iter().map(|(k, v)| (k, v as f64)).collect();
     metrics.insert(
         "loss".into(),
-        loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        align_algorithms::ops::scalar_f64(&loss)?,
     );
     metrics.insert(
         "tokens".into(),

@@ -542,7 +542,7 @@ fn batch_loss(
     let mut m = Metrics::new();
     m.insert(
         "loss".into(),
-        loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+        align_algorithms::ops::scalar_f64(&loss)?,
     );
     m.insert("num_tokens".into(), n);
     m.insert(

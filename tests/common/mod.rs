@@ -49,3 +49,11 @@ pub fn two_pairs(dtype: DType) -> align::policy::TokenBatch {
     )
     .unwrap()
 }
+
+/// The device the device-aware tests run on: `ALIGN_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`;
+/// default `cpu`). `scripts/gpu-check.sh` runs them with `cuda`.
+pub fn device() -> candle_core::Device {
+    let spec = std::env::var("ALIGN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    align::commands::parse_device(&spec)
+        .unwrap_or_else(|e| panic!("ALIGN_TEST_DEVICE={spec}: {e:#}"))
+}
