@@ -436,8 +436,15 @@ fn dpo_bench(a: DpoArgs) -> Result<()> {
     let mut stats = TruncationStats::default();
     let mut batches = Vec::with_capacity(a.steps);
     for step in 0..a.steps {
-        let b = next_batch(&mut stream, &tok, &trunc, &mut stats, a.batch_size, u64::MAX)?
-            .with_context(|| format!("{:?}: no usable pair for step {}", a.data, step + 1))?;
+        let b = next_batch(
+            &mut stream,
+            &tok,
+            &trunc,
+            &mut stats,
+            a.batch_size,
+            u64::MAX,
+        )?
+        .with_context(|| format!("{:?}: no usable pair for step {}", a.data, step + 1))?;
         batches.push(b.pairs);
     }
     if let Some(p) = &a.pairs_out {

@@ -14,11 +14,11 @@
 //! for LoRA runs, the `--model` folder the run started from for full fine-tuning).
 
 use super::common::load_frozen;
-use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use super::DeviceArgs;
 use crate::lora::Fwd;
 use crate::plot::{plot_overlay, OverlayPanel};
 use crate::policy::Policy;
+use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use align_algorithms::stats::{paired_bootstrap, verdict, PairedDiff, Side, Verdict};
 use align_datasets::{
     PreferenceStream, StreamOptions, TokenizerBundle, TruncationOptions, TruncationStats,
@@ -482,8 +482,7 @@ fn score_dpo_run(
     let beta = run.f64("beta").unwrap_or(0.1);
     let tok = TokenizerBundle::from_dir(&start)
         .with_context(|| format!("tokenizer of {}", start.display()))?;
-    let src =
-        align_datasets::Source::from_paths(data).with_context(|| format!("data {data:?}"))?;
+    let src = align_datasets::Source::from_paths(data).with_context(|| format!("data {data:?}"))?;
     let mut stream =
         PreferenceStream::open(&src, StreamOptions::default(), tok.chat_template.as_ref())?;
     let mut stats = TruncationStats::default();

@@ -531,10 +531,7 @@ fn dpo_batch(
     };
     let (loss, m) = dpo_loss(&inputs, cfg)?;
     let mut metrics: Metrics = m.to_map().into_iter().map(|(k, v)| (k, v as f64)).collect();
-    metrics.insert(
-        "loss".into(),
-        align_algorithms::ops::scalar_f64(&loss)?,
-    );
+    metrics.insert("loss".into(), align_algorithms::ops::scalar_f64(&loss)?);
     let tokens: usize = batch
         .pairs
         .iter()

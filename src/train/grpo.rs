@@ -704,10 +704,7 @@ pub fn grpo_micro_loss(
     let (loss, m) = grpo_loss(&inputs, cfg)?;
     let mut metrics: BTreeMap<String, f64> =
         m.to_map().into_iter().map(|(k, v)| (k, v as f64)).collect();
-    metrics.insert(
-        "loss".into(),
-        align_algorithms::ops::scalar_f64(&loss)?,
-    );
+    metrics.insert("loss".into(), align_algorithms::ops::scalar_f64(&loss)?);
     metrics.insert(
         "tokens".into(),
         samples

@@ -540,10 +540,7 @@ fn batch_loss(
     let lp = policy.token_logps(&tb.ids, Fwd::POLICY.with_train(train))?;
     let (loss, n) = sft_loss(&lp, &tb.mask, None)?;
     let mut m = Metrics::new();
-    m.insert(
-        "loss".into(),
-        align_algorithms::ops::scalar_f64(&loss)?,
-    );
+    m.insert("loss".into(), align_algorithms::ops::scalar_f64(&loss)?);
     m.insert("num_tokens".into(), n);
     m.insert(
         "tokens".into(),
