@@ -47,7 +47,21 @@ enum Command {
     Sweep(commands::sweep::Args),
 }
 
+/// candle's CPU element-wise ops run on their own pool of spinning worker threads
+/// (`CANDLE_NUM_THREADS` − 1 of them) beside rayon's, which runs the matrix products and
+/// align's fused kernels. On a few cores the two pools oversubscribe them, and the op's caller
+/// spins until a descheduled worker finishes: measured on 2 cores, DPO steps took 1.2–1.6×
+/// longer (docs/benchmarks.md). Element-wise work is memory-bound, so align keeps it on the
+/// calling thread unless the user sets `CANDLE_NUM_THREADS` themselves.
+fn configure_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // before any thread exists: candle reads it when its pool is first used
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() {
+    configure_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dpo(a) => commands::dpo::run(*a),
