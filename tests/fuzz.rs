@@ -417,3 +417,88 @@ proptest! {
         }
     }
 }
+
+/// Edits of a GGUF file: its header (magic, version, counts, metadata strings and arrays,
+/// tensor infos) holds lengths that a reader must not trust.
+#[derive(Clone, Debug)]
+enum GgufEdit {
+    /// Keep this fraction of the file.
+    Truncate(f64),
+    /// XOR a byte of the header region.
+    Flip(usize, u8),
+    /// Overwrite 8 bytes of the header region with a length-like value.
+    Length(usize, u64),
+    /// Overwrite 4 bytes of the header region (a type tag, a dimension count).
+    Tag(usize, u32),
+}
+
+fn gguf_edit() -> impl Strategy<Value = GgufEdit> {
+    prop_oneof![
+        1 => (0.0..1.0f64).prop_map(GgufEdit::Truncate),
+        3 => (0usize..1 << 16, 1..=255u8).prop_map(|(i, m)| GgufEdit::Flip(i, m)),
+        2 => (0usize..1 << 16, prop_oneof![Just(0u64), Just(1), Just(u64::MAX), Just(1 << 40), Just(1 << 31), 0u64..100_000])
+            .prop_map(|(i, v)| GgufEdit::Length(i, v)),
+        1 => (0usize..1 << 16, prop_oneof![Just(0u32), Just(13), Just(u32::MAX), 0u32..40])
+            .prop_map(|(i, v)| GgufEdit::Tag(i, v)),
+    ]
+}
+
+/// The header is the part before the first tensor's data: everything but the last `data` bytes.
+fn apply_gguf(bytes: &mut Vec<u8>, e: &GgufEdit, header: usize) {
+    let lim = header.min(bytes.len()).max(1);
+    match e {
+        GgufEdit::Truncate(f) => bytes.truncate((f * bytes.len() as f64) as usize),
+        GgufEdit::Flip(i, m) => {
+            if let Some(x) = bytes.get_mut(i % lim) {
+                *x ^= m;
+            }
+        }
+        GgufEdit::Length(i, v) => {
+            let at = i % lim;
+            if at + 8 <= bytes.len() {
+                bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        GgufEdit::Tag(i, v) => {
+            let at = i % lim;
+            if at + 4 <= bytes.len() {
+                bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(96))]
+
+    /// A corrupted or truncated GGUF file (the llama.cpp-written fixture): `convert` never
+    /// panics or aborts on an absurd length, a failure names the file, and whatever converts
+    /// loads as a model folder or fails with an error.
+    #[test]
+    fn gguf_mutations_never_panic(edits in proptest::collection::vec(gguf_edit(), 1..4)) {
+        let src = common::fixtures().join("gguf/tiny-llama.gguf");
+        let mut bytes = std::fs::read(&src).unwrap();
+        // tensor data of the fixture starts after its metadata (vocabulary included)
+        let header = align::gguf::GgufFile::open(&src).unwrap().content.tensor_data_offset as usize;
+        for e in &edits {
+            apply_gguf(&mut bytes, e, header);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let g = tmp.path().join("m.gguf");
+        std::fs::write(&g, &bytes).unwrap();
+        let out = tmp.path().join("hf");
+        let r = std::panic::catch_unwind(|| align::gguf::convert(&g, &out, DType::F32, false));
+        prop_assert!(r.is_ok(), "convert panicked on {edits:?}");
+        match r.unwrap() {
+            Ok(_) => {
+                if let Ok(p) = load_frozen(&out) {
+                    let _ = forward(&p);
+                }
+            }
+            Err(e) => {
+                let m = e.to_string();
+                prop_assert!(m.contains(&g.display().to_string()), "{m}");
+            }
+        }
+    }
+}
