@@ -183,6 +183,37 @@ fn no_usable_row_is_an_error_not_a_hang() {
     assert!(o.err.contains("no usable row"), "{}", o.err);
 }
 
+/// Item 8: the banner counted rows that are unusable, and `--epochs` counted them too.
+#[test]
+fn banner_and_epochs_count_usable_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mixed.parquet");
+    write_pairs(
+        &data,
+        &[
+            ("Hello", " a good reply", " a bad one"),
+            ("p", "same", "same"),
+            ("Question", " yes indeed", " no"),
+            ("q", "x", "x"),
+            ("Again", " fine", " worse"),
+        ],
+    );
+    let out = tmp.path().join("run");
+    let mut args = dpo(&out, 1, &[]);
+    // no --steps: one epoch of 2 pairs per step over the usable pairs
+    let i = args.iter().position(|a| a == "--steps").unwrap();
+    args.drain(i..i + 2);
+    let i = args.iter().position(|a| a == "--data").unwrap();
+    args[i + 1] = p(&data);
+    args.extend(strs(&["--epochs", "1"]));
+    let o = align(&args, 180);
+    assert!(o.ok, "{}", o.err);
+    assert!(o.err.contains("5 rows, 3 usable (2 skipped:"), "{}", o.err);
+    // ceil(3 usable / 2) = 2 steps, not ceil(5 / 2) = 3
+    assert!(o.err.contains(", 2 steps of 2x1 pairs"), "{}", o.err);
+    assert_eq!(metric_lines(&out).len(), 2);
+}
+
 fn write_pairs(path: &Path, rows: &[(&str, &str, &str)]) {
     use arrow::array::{RecordBatch, StringArray};
     use std::sync::Arc;

@@ -198,6 +198,67 @@ pub fn next_batch(
     Ok((!b.pairs.is_empty()).then_some(b))
 }
 
+/// Data sets up to this many rows are counted through (tokenized) before training, so the
+/// banner and `--epochs` count usable pairs; larger ones are counted by their footers only.
+pub const SCAN_MAX_ROWS: u64 = 200_000;
+
+/// What one pass over the data yields: usable pairs, the rows the stream skipped (and why),
+/// and pairs whose prompt leaves no room for a completion within `--max-length`.
+pub struct DataScan {
+    pub usable: u64,
+    pub skips: align_datasets::SkipStats,
+    pub no_room: u64,
+}
+
+impl DataScan {
+    /// `380 usable (skipped 12 of 400 rows ..., 8 with no room for a completion ...)`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (reason, n) in &self.skips.counts {
+            parts.push(format!("{n} skipped: {}", reason.label()));
+        }
+        if self.no_room > 0 {
+            parts.push(format!(
+                "{} with no room for a completion within --max-length",
+                self.no_room
+            ));
+        }
+        if parts.is_empty() {
+            format!("{} usable", self.usable)
+        } else {
+            format!("{} usable ({})", self.usable, parts.join("; "))
+        }
+    }
+}
+
+/// One unshuffled pass over `src`, tokenized as training tokenizes: how many pairs are usable.
+pub fn scan_pairs(
+    src: &Source,
+    tok: &TokenizerBundle,
+    trunc: &TruncationOptions,
+) -> Result<DataScan> {
+    let mut stream =
+        PreferenceStream::open(src, StreamOptions::default(), tok.chat_template.as_ref())?;
+    let mut stats = TruncationStats::default();
+    let mut usable = 0u64;
+    for pair in stream.by_ref() {
+        let pair = pair?;
+        match tok.tokenize_pair(&pair, trunc, &mut stats) {
+            Ok(_) => usable += 1,
+            Err(align_datasets::DatasetError::NoRoomForCompletion { .. }) => {}
+            Err(e) => {
+                return Err(Error::from(e))
+                    .with_context(|| format!("tokenizing {}", pair.source_row))
+            }
+        }
+    }
+    Ok(DataScan {
+        usable,
+        skips: stream.skips().clone(),
+        no_room: stats.dropped_no_room as u64,
+    })
+}
+
 fn no_usable(
     e: align_datasets::DatasetError,
     stream: &PreferenceStream,
@@ -237,6 +298,8 @@ pub struct Dpo {
     reference: Reference,
     stream: PreferenceStream,
     rows: u64,
+    /// The pre-training pass over the data (`None` over [`SCAN_MAX_ROWS`] rows).
+    scan: Option<DataScan>,
     steps: u64,
     eval_src: Option<Source>,
     trunc_stats: TruncationStats,
@@ -286,9 +349,22 @@ impl Algorithm for Dpo {
         if rows == 0 {
             crate::bail!("{data:?}: no rows");
         }
+        let scan = if rows <= SCAN_MAX_ROWS {
+            let scan = scan_pairs(&src, &tok, &trunc)?;
+            if scan.usable == 0 {
+                crate::bail!(
+                    "{data:?}: no usable preference pair in its {rows} rows: {}",
+                    scan.describe()
+                );
+            }
+            Some(scan)
+        } else {
+            None
+        };
+        let usable = scan.as_ref().map_or(rows, |c| c.usable);
         let steps = match s.looping.steps {
             Some(n) => n,
-            None => ((rows as f64 * s.batch.epochs)
+            None => ((usable as f64 * s.batch.epochs)
                 / (s.batch.batch_size * s.batch.grad_accum) as f64)
                 .ceil()
                 .max(1.0) as u64,
@@ -354,6 +430,7 @@ impl Algorithm for Dpo {
             reference,
             stream,
             rows,
+            scan,
             steps,
             eval_src,
             trunc_stats: TruncationStats::default(),
@@ -366,8 +443,12 @@ impl Algorithm for Dpo {
     }
 
     fn banner(&self) -> String {
+        let usable = match &self.scan {
+            Some(c) => c.describe(),
+            None => format!("usable pairs not pre-counted over {SCAN_MAX_ROWS} rows"),
+        };
         format!(
-            "{} rows, {} steps of {}x{} pairs, loss {}",
+            "{} rows, {usable}, {} steps of {}x{} pairs, loss {}",
             self.rows,
             self.steps,
             self.s.batch.batch_size,
