@@ -207,3 +207,76 @@ fn compare_refuses_what_it_cannot_read() {
     assert!(!one.status.success());
     assert!(String::from_utf8_lossy(&one.stderr).contains("at least two run folders"));
 }
+
+fn sft(out: &Path, data: &Path) {
+    let mut cmd = align();
+    cmd.arg("sft")
+        .arg("--model")
+        .arg(assets("model"))
+        .arg("--data")
+        .arg(data)
+        .arg("--eval-data")
+        .arg(assets("prefs-eval.parquet"))
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--steps",
+            "8",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--rank",
+            "4",
+            "--seed",
+            "5",
+            "--max-length",
+            "96",
+        ]);
+    run_ok(&mut cmd);
+}
+
+/// SFT runs are scored item by item by their held-out NLL per target token (lower is better):
+/// identical runs are at parity, a run trained on the word-shuffled replies is behind.
+#[test]
+fn sft_runs_are_compared_by_heldout_nll() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a2, bad) = (
+        dir.path().join("sft"),
+        dir.path().join("sft-again"),
+        dir.path().join("sft-shuffled"),
+    );
+    // the SFT layout of a preference file is prompt + chosen: swapped, it trains on gibberish
+    let swapped = dir.path().join("swapped.parquet");
+    swapped_pairs(&swapped);
+    sft(&a, &assets("prefs-train.parquet"));
+    sft(&a2, &assets("prefs-train.parquet"));
+    sft(&bad, &swapped);
+
+    let verdict = |report: &serde_json::Value, run: &str| {
+        report["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["run"] == run && v["metric"] == "nll")
+            .unwrap_or_else(|| panic!("no nll verdict for {run}: {report:#}"))
+            .clone()
+    };
+    let (stdout, report) = compare(&[&a, &a2], &dir.path().join("cmp-same"));
+    let v = verdict(&report, "sft-again");
+    assert_eq!(v["verdict"]["verdict"], "parity", "{v:#}");
+    assert_eq!(v["diff"]["diff"], 0.0, "{v:#}");
+    assert!(
+        stdout.contains("sft-again: parity with sft on nll"),
+        "{stdout}"
+    );
+    assert_eq!(v["diff"]["n"].as_u64().unwrap(), 96, "{v:#}");
+
+    let (stdout, report) = compare(&[&a, &bad], &dir.path().join("cmp-bad"));
+    let v = verdict(&report, "sft-shuffled");
+    assert_eq!(v["verdict"]["verdict"], "ahead", "{v:#}");
+    assert_eq!(v["verdict"]["ahead"], "a", "{v:#}");
+    // higher NLL for the run trained on shuffled words, with an interval excluding 0
+    assert!(v["diff"]["lo"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(stdout.contains("sft ahead of sft-shuffled"), "{stdout}");
+}

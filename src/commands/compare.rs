@@ -17,7 +17,7 @@ use super::common::load_frozen;
 use super::DeviceArgs;
 use crate::lora::Fwd;
 use crate::plot::{plot_overlay, OverlayPanel};
-use crate::policy::Policy;
+use crate::policy::{Policy, TokenBatch};
 use crate::train::dpo::{next_batch, pair_batch, PairBatch};
 use align_algorithms::stats::{paired_bootstrap, verdict, PairedDiff, Side, Verdict};
 use align_datasets::{
@@ -425,11 +425,110 @@ fn series_against(run: &Run, name: &str, x: &str) -> Vec<(f64, f64)> {
     pts
 }
 
-/// One held-out item scored by one run.
-#[derive(Clone, Debug)]
-struct ItemScores {
-    accuracy: f64,
-    loss: f64,
+/// One held-out item scored by one run: one value per metric of [`item_metrics`].
+type ItemScores = Vec<f64>;
+
+/// The per-item metrics of an algorithm, `(name, higher_is_better)`; the first is the one a
+/// sweep picks its best learning rate by.
+fn item_metrics(a: Algorithm) -> &'static [(&'static str, bool)] {
+    match a {
+        Algorithm::Sft => &[("nll", false)],
+        _ => &[("accuracy", true), ("dpo_loss", false)],
+    }
+}
+
+/// Per-item scores of one run's final model on the held-out data, keyed by item.
+fn score_run(
+    run: &Run,
+    args: &Args,
+    data: &[PathBuf],
+    trunc: &TruncationOptions,
+) -> Result<Vec<(String, ItemScores)>> {
+    match run.algorithm {
+        Algorithm::Dpo => score_dpo_run(run, args, data, trunc),
+        Algorithm::Sft => score_sft_run(run, args, data, trunc),
+        other => bail!(
+            "{}: per-item evaluation is implemented for DPO and SFT runs (this run is {}); pass --no-eval to compare curves and settings",
+            run.dir.display(),
+            other.name()
+        ),
+    }
+}
+
+/// The final model of a run: the policy with its adapter (LoRA) or the saved model (full).
+fn final_policy(run: &Run, args: &Args) -> Result<(Policy, PathBuf)> {
+    let device = args.dev.device()?;
+    let dtype = args.dev.dtype()?;
+    let start = resolve_model(run, args.model.as_deref())?;
+    let weights = run.weights();
+    if !weights.exists() {
+        bail!(
+            "{}: no final {} — did the run finish?",
+            run.dir.display(),
+            weights.display()
+        );
+    }
+    let policy = if run.full {
+        load_frozen(&weights, None, dtype, &device)?.0
+    } else {
+        load_frozen(&start, Some(&weights), dtype, &device)?.0
+    };
+    Ok((policy, start))
+}
+
+/// Scores every held-out example under one SFT run's final model: the mean negative
+/// log-likelihood per target token of each example (the training loss, item by item),
+/// tokenized with the run's own column settings and `--max-length`; keyed by `file#row`.
+fn score_sft_run(
+    run: &Run,
+    args: &Args,
+    data: &[PathBuf],
+    trunc: &TruncationOptions,
+) -> Result<Vec<(String, ItemScores)>> {
+    let (policy, start) = final_policy(run, args)?;
+    let mut s: crate::train::sft::SftSettings =
+        serde_json::from_value(Value::Object(run.settings.clone()))
+            .with_context(|| format!("{}: settings.json is not an SFT run's", run.dir.display()))?;
+    if let Some(m) = trunc.max_length {
+        s.max_length = m;
+    }
+    let tok = TokenizerBundle::from_dir(&start)
+        .with_context(|| format!("tokenizer of {}", start.display()))?;
+    let mut stats = TruncationStats::default();
+    let mut skips = crate::train::sft::Skips::default();
+    let src = align_datasets::Source::from_paths(data).with_context(|| format!("data {data:?}"))?;
+    let files = src.files();
+    let (examples, _) = crate::train::sft::load_examples(
+        files,
+        &s,
+        &tok,
+        Some(args.max_items),
+        &mut stats,
+        &mut skips,
+    )?;
+    if examples.is_empty() {
+        bail!(
+            "no usable held-out example in {data:?} ({} rows skipped)",
+            skips.count
+        );
+    }
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(args.batch_size.max(1)) {
+        let seqs: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|e| (&e.ids[..e.split], &e.ids[e.split..]))
+            .collect();
+        let tb = TokenBatch::from_pairs(&seqs, tok.pad_id(), policy.dtype(), policy.device())?;
+        let lp: Vec<f64> = policy
+            .sequence_logps(&tb, Fwd::POLICY)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
+        for ((e, l), n) in chunk.iter().zip(lp).zip(&tb.completion_lens) {
+            let key = format!("{}#{}", files[e.source.0].display(), e.source.1);
+            out.push((key, vec![-l / (*n).max(1) as f64]));
+        }
+    }
+    Ok(out)
 }
 
 fn resolve_model(run: &Run, fallback: Option<&Path>) -> Result<PathBuf> {
@@ -512,10 +611,7 @@ fn score_dpo_run(
             let loss = (-margin).max(0.0) + (-margin.abs()).exp().ln_1p();
             out.push((
                 format!("{}#{}", row.file.display(), row.row),
-                ItemScores {
-                    accuracy: f64::from(margin > 0.0),
-                    loss,
-                },
+                vec![f64::from(margin > 0.0), loss],
             ));
         }
     }
@@ -586,17 +682,9 @@ fn verdicts(
     let margin = args.margin.unwrap_or(0.02);
     let mut out = Vec::new();
     for (i, run) in runs.iter().enumerate().skip(1) {
-        for (metric, higher, margin, get) in [
-            (
-                "accuracy",
-                true,
-                margin,
-                (|s: &ItemScores| s.accuracy) as fn(&ItemScores) -> f64,
-            ),
-            ("dpo_loss", false, margin, |s: &ItemScores| s.loss),
-        ] {
-            let a: Vec<f64> = common.iter().map(|k| get(maps[0][k])).collect();
-            let b: Vec<f64> = common.iter().map(|k| get(maps[i][k])).collect();
+        for (j, &(metric, higher)) in item_metrics(runs[0].algorithm).iter().enumerate() {
+            let a: Vec<f64> = common.iter().map(|k| maps[0][k][j]).collect();
+            let b: Vec<f64> = common.iter().map(|k| maps[i][k][j]).collect();
             let diff = paired_bootstrap(&a, &b, args.resamples, args.confidence, args.seed)?;
             let v = verdict(&diff, margin, higher);
             out.push(MetricVerdict {
@@ -693,11 +781,12 @@ pub fn run(args: Args) -> Result<()> {
             eval_note = "No held-out data given (--eval-data) and the runs do not share their eval_data: curves and settings only, no verdict.".into();
         }
         Some(data) => {
-            if let Some(r) = runs.iter().find(|r| r.algorithm != Algorithm::Dpo) {
+            if let Some(r) = runs.iter().find(|r| r.algorithm != runs[0].algorithm) {
                 bail!(
-                    "{}: per-item evaluation is implemented for DPO runs only (this run is {}); pass --no-eval to compare curves and settings",
+                    "{}: a {} run cannot be scored against a {} baseline on the same items; pass --no-eval to compare curves and settings",
                     r.dir.display(),
-                    r.algorithm.name()
+                    r.algorithm.name(),
+                    runs[0].algorithm.name()
                 );
             }
             let base = &runs[0];
@@ -712,12 +801,18 @@ pub fn run(args: Args) -> Result<()> {
             let mut scores = Vec::new();
             for r in &runs {
                 eprintln!("scoring {} on {:?}", r.name, data);
-                scores.push(score_dpo_run(r, &args, &data, &trunc)?);
+                scores.push(score_run(r, &args, &data, &trunc)?);
             }
             results = verdicts(&runs, &scores, &args)?;
+            // a sweep picks by the first metric, made higher-is-better
+            let sign = if item_metrics(runs[0].algorithm)[0].1 {
+                1.0
+            } else {
+                -1.0
+            };
             mean_scores = scores
                 .iter()
-                .map(|s| Some(s.iter().map(|(_, v)| v.accuracy).sum::<f64>() / s.len() as f64))
+                .map(|s| Some(sign * s.iter().map(|(_, v)| v[0]).sum::<f64>() / s.len() as f64))
                 .collect();
             eval_note = format!(
                 "Held-out data: {}; every run's final model scored on the same pairs (max_length {:?}, max_prompt_length {:?}).",
@@ -730,7 +825,8 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    for v in results.iter().filter(|v| v.metric == "accuracy") {
+    let primary = item_metrics(runs[0].algorithm)[0].0;
+    for v in results.iter().filter(|v| v.metric == primary) {
         println!("{}", v.line());
     }
     let lr_table = sweep.as_ref().map(|pts| best_lrs(&runs, pts, &mean_scores));

@@ -307,6 +307,8 @@ impl Algorithm for Sft {
 pub struct Example {
     pub ids: Vec<u32>,
     pub split: usize,
+    /// Where it came from: (index of the file, row in the file).
+    pub source: (usize, usize),
 }
 
 /// How the rows of a file become (prompt, completion) texts.
@@ -417,7 +419,7 @@ pub fn load_examples(
 ) -> Result<(Vec<Example>, Layout)> {
     let mut out = Vec::new();
     let mut layout0 = None;
-    'files: for f in files {
+    'files: for (fi, f) in files.iter().enumerate() {
         let probe = ParquetTable::open(f, &[])?;
         let (layout, cols) = detect(&probe, s)?;
         if layout0.is_none() {
@@ -493,6 +495,7 @@ pub fn load_examples(
                 out.push(Example {
                     ids: ex.input_ids,
                     split,
+                    source: (fi, row),
                 });
             }
             t.row_base += batch.num_rows();
