@@ -280,3 +280,106 @@ fn sft_runs_are_compared_by_heldout_nll() {
     assert!(v["diff"]["lo"].as_f64().unwrap() > 0.0, "{v:#}");
     assert!(stdout.contains("sft ahead of sft-shuffled"), "{stdout}");
 }
+
+fn grpo(out: &Path, extra: &[&str]) {
+    let prompts = common::fixtures().join("generation/demo_prompts.parquet");
+    let mut cmd = align();
+    cmd.arg("grpo")
+        .arg("--model")
+        .arg(common::fixtures().join("models/llama"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--eval-data")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--reward",
+            "char_fraction",
+            "--chars",
+            "aeiou",
+            "--rank",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--eval-max-prompts",
+            "16",
+            "--gen-batch-size",
+            "8",
+        ])
+        .args(extra);
+    run_ok(&mut cmd);
+}
+
+/// GRPO runs are scored by the mean reward of completions sampled on fixed prompts with a
+/// fixed seed: with the run's own evaluation seed and one sample per prompt, compare's mean
+/// reproduces the run's final `eval_reward`; identical runs are at parity item by item.
+#[test]
+fn grpo_runs_are_compared_by_heldout_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a2) = (dir.path().join("grpo"), dir.path().join("grpo-again"));
+    grpo(&a, &[]);
+    grpo(&a2, &[]);
+    let out = dir.path().join("cmp");
+    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
+    let (stdout, _) = run_ok(
+        align()
+            .arg("compare")
+            .arg(&a)
+            .arg(&a2)
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--max-items",
+                "16",
+                "--samples",
+                "1",
+                "--seed",
+                &seed,
+                "--batch-size",
+                "8",
+                "--resamples",
+                "500",
+            ]),
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let v = report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["metric"] == "reward")
+        .unwrap_or_else(|| panic!("no reward verdict: {report:#}"))
+        .clone();
+    assert_eq!(v["verdict"]["verdict"], "parity", "{v:#}");
+    assert_eq!(v["diff"]["n"], 16, "{v:#}");
+    assert!(
+        stdout.contains("grpo-again: parity with grpo on reward"),
+        "{stdout}"
+    );
+    // the run's own last evaluation: the same prompts, seed and sampling
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let last_eval = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| m["eval_reward"].as_f64())
+        .last()
+        .expect("an eval_reward line");
+    // vowels in the tiny random model's completions: a reward that is not 0 everywhere
+    assert!(last_eval > 0.05, "{last_eval}");
+    let mean_a = v["diff"]["mean_a"].as_f64().unwrap();
+    assert!(
+        (mean_a - last_eval).abs() < 1e-6,
+        "compare {mean_a} vs the run's eval {last_eval}"
+    );
+}

@@ -45,7 +45,7 @@ pub struct Args {
     /// Output folder for report.md, report.json and the plots.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
-    /// Held-out preference data to score every run's final model on, item by item [default: the runs' own eval_data when all runs share it; without any, curves and settings only, no verdict].
+    /// Held-out data to score every run's final model on, item by item: preference pairs (DPO: implicit-reward accuracy and loss), examples (SFT: NLL per target token) or prompts (GRPO: mean reward of --samples completions) [default: the runs' own eval_data when all runs share it; without any, curves and settings only, no verdict].
     #[arg(long, num_args = 1..)]
     pub eval_data: Option<Vec<PathBuf>>,
     /// Skip the per-item evaluation even when eval data is known (curves and settings only).
@@ -63,9 +63,12 @@ pub struct Args {
     /// Bootstrap resamples.
     #[arg(long, default_value_t = 4000)]
     pub resamples: usize,
-    /// Seed of the bootstrap (the same seed gives the same interval).
+    /// Seed of the bootstrap (the same seed gives the same interval) and of the completions sampled for GRPO runs (the same seed for every run).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// GRPO runs: completions sampled per held-out prompt (their mean reward is the prompt's score).
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
     /// Start model for runs whose settings.json names a model folder that is not found from here.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -75,7 +78,7 @@ pub struct Args {
     /// Longest prompt in tokens when scoring [default: the baseline run's max_prompt_length].
     #[arg(long)]
     pub max_prompt_length: Option<usize>,
-    /// Pairs per forward batch when scoring.
+    /// Items per forward batch when scoring (pairs, examples, or sequences being generated).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     #[command(flatten)]
@@ -433,6 +436,7 @@ type ItemScores = Vec<f64>;
 fn item_metrics(a: Algorithm) -> &'static [(&'static str, bool)] {
     match a {
         Algorithm::Sft => &[("nll", false)],
+        Algorithm::Grpo => &[("reward", true)],
         _ => &[("accuracy", true), ("dpo_loss", false)],
     }
 }
@@ -447,8 +451,9 @@ fn score_run(
     match run.algorithm {
         Algorithm::Dpo => score_dpo_run(run, args, data, trunc),
         Algorithm::Sft => score_sft_run(run, args, data, trunc),
+        Algorithm::Grpo => score_grpo_run(run, args, data),
         other => bail!(
-            "{}: per-item evaluation is implemented for DPO and SFT runs (this run is {}); pass --no-eval to compare curves and settings",
+            "{}: per-item evaluation is implemented for DPO, SFT and GRPO runs (this run is {}); pass --no-eval to compare curves and settings",
             run.dir.display(),
             other.name()
         ),
@@ -474,6 +479,27 @@ fn final_policy(run: &Run, args: &Args) -> Result<(Policy, PathBuf)> {
         load_frozen(&start, Some(&weights), dtype, &device)?.0
     };
     Ok((policy, start))
+}
+
+/// Scores every held-out prompt under one GRPO run's final model: the mean reward of
+/// `--samples` completions per prompt, sampled with the run's own settings and reward from the
+/// same seeded random stream for every run; keyed by `file#row`.
+fn score_grpo_run(run: &Run, args: &Args, data: &[PathBuf]) -> Result<Vec<(String, ItemScores)>> {
+    let (policy, start) = final_policy(run, args)?;
+    let s: crate::train::grpo::GrpoSettings =
+        serde_json::from_value(Value::Object(run.settings.clone()))
+            .with_context(|| format!("{}: settings.json is not a GRPO run's", run.dir.display()))?;
+    let scored = crate::train::grpo::score_prompts(
+        &policy,
+        &start,
+        &s,
+        data,
+        args.max_items,
+        args.samples,
+        args.seed,
+        args.batch_size,
+    )?;
+    Ok(scored.into_iter().map(|(k, r)| (k, vec![r])).collect())
 }
 
 /// Scores every held-out example under one SFT run's final model: the mean negative

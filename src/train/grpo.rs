@@ -553,6 +553,96 @@ impl Algorithm for Grpo {
 }
 
 /// The fixed held-out prompt set: the first `eval_max_prompts` usable prompts in file order.
+/// Held-out scoring of a policy trained by GRPO (used by `align compare`): the first `max`
+/// prompts of `data`, `samples` completions each with the run's own sampling settings and
+/// reward, from an RNG seeded with `seed` (every policy draws from the same random stream);
+/// per prompt, keyed `file#row`, the mean reward of its samples.
+#[allow(clippy::too_many_arguments)]
+pub fn score_prompts(
+    policy: &Policy,
+    start: &Path,
+    s: &GrpoSettings,
+    data: &[PathBuf],
+    max: usize,
+    samples: usize,
+    seed: u64,
+    gen_batch_size: usize,
+) -> Result<Vec<(String, f64)>> {
+    let tok = TokenizerBundle::from_dir(start)
+        .with_context(|| format!("loading the tokenizer of {}", start.display()))?;
+    let mut s = s.clone();
+    s.eval_max_prompts = max;
+    let prompts = eval_prompts(data, &tok, &s)?;
+    let sampling = SamplingConfig {
+        max_new_tokens: s.max_new_tokens,
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        eos_ids: eos_ids(&policy.model, Some(start), Some(&tok)),
+        stop_strings: s.stop.clone(),
+        ignore_eos: false,
+    };
+    sampling.validate()?;
+    let mut reward = build_reward(
+        &s.reward,
+        &RewardOptions {
+            ref_column: s.ref_column.clone(),
+            pattern: s.pattern.clone(),
+            chars: s.chars.clone(),
+            reward_model: s.reward_model.clone(),
+            command: s.reward_command.clone(),
+            command_timeout: Some(s.reward_timeout),
+            device: Some(policy.device().clone()),
+            dtype: Some(policy.dtype()),
+        },
+    )?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|(_, p)| std::iter::repeat_n(p.clone(), samples.max(1)))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let comps = generate_chunked(
+        &policy.model,
+        Some(&tok),
+        &ids,
+        tok.pad_id(),
+        &sampling,
+        Fwd::POLICY,
+        &mut rng,
+        gen_batch_size.max(1),
+        |_| {},
+    )?;
+    let k = samples.max(1);
+    let inputs: Vec<RewardInput> = comps
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let rec = &prompts[i / k].0;
+            RewardInput {
+                prompt: &rec.prompt,
+                completion: &c.text,
+                refs: &rec.refs,
+            }
+        })
+        .collect();
+    let rewards = reward
+        .score(&inputs)
+        .context("scoring the held-out completions")?;
+    let mut out = Vec::with_capacity(prompts.len());
+    for (j, (rec, _)) in prompts.iter().enumerate() {
+        let r = &rewards[j * k..(j + 1) * k];
+        if let Some(bad) = r.iter().find(|x| !x.is_finite()) {
+            bail!(
+                "reward {bad} (not finite) for the prompt at {}",
+                rec.source_row
+            );
+        }
+        let key = format!("{}#{}", rec.source_row.file.display(), rec.source_row.row);
+        out.push((key, r.iter().map(|&x| x as f64).sum::<f64>() / k as f64));
+    }
+    Ok(out)
+}
+
 fn eval_prompts(
     paths: &[PathBuf],
     tok: &TokenizerBundle,
