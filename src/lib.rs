@@ -3,6 +3,7 @@
 //! See the README's architecture section for how the pieces fit.
 
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod fused;
 pub mod lora;

@@ -63,6 +63,20 @@ fn configure_threads() {
 fn main() {
     configure_threads();
     let cli = Cli::parse();
+    // under mpirun/srun: join the job's ranks (an error here, such as a build without
+    // `--features mpi`, is reported by every rank before anything runs)
+    if let Err(e) = align::dist::init() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    if align::dist::world() > 1 && !cli.command.data_parallel() {
+        eprintln!(
+            "error: {}this command runs as one process; only training (dpo, sft, grpo) runs on \
+             several ranks",
+            align::dist::prefix()
+        );
+        align::dist::abort_job("not a training command", 2);
+    }
     let result = match cli.command {
         Command::Dpo(a) => commands::dpo::run(*a),
         Command::Sft(a) => commands::sft::run(*a),
@@ -78,10 +92,20 @@ fn main() {
         Command::Sweep(a) => commands::sweep::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e}");
+        let p = align::dist::prefix();
+        eprintln!("error: {p}{e}");
         for cause in e.chain().skip(1) {
             eprintln!("  caused by: {cause}");
         }
+        // the other ranks may be waiting in a collective for this one: end them too
+        align::dist::abort_job("failed", 1);
         std::process::exit(1);
+    }
+}
+
+impl Command {
+    /// Commands that run as the ranks of a data-parallel job.
+    fn data_parallel(&self) -> bool {
+        matches!(self, Command::Dpo(_) | Command::Sft(_) | Command::Grpo(_))
     }
 }

@@ -68,7 +68,8 @@ pub struct Trainer {
     opt: AdamW,
     sched: LrScheduler,
     vars: Vec<(String, Var)>,
-    metrics_file: std::fs::File,
+    /// rank 0 only: the other ranks of a data-parallel job write nothing
+    metrics_file: Option<std::fs::File>,
     progress: Progress,
     last_checkpoint: Option<PathBuf>,
 }
@@ -96,11 +97,17 @@ impl Trainer {
         std::fs::create_dir_all(&settings.out)
             .with_context(|| format!("creating {}", settings.out.display()))?;
         let metrics_path = settings.out.join("metrics.jsonl");
-        let metrics_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let metrics_file = if crate::dist::is_main() {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .with_context(|| format!("opening {}", metrics_path.display()))?,
+            )
+        } else {
+            None
+        };
         let progress = Progress::new(settings.steps);
         Ok(Trainer {
             policy,
@@ -123,6 +130,10 @@ impl Trainer {
     /// One optimizer step over `micro_batches` micro-batches: `f(policy, i)` returns the loss of
     /// micro-batch `i` (a mean over it) and its metrics; losses are averaged over micro-batches,
     /// gradients accumulated, clipped to `max_grad_norm`, and AdamW steps with the scheduled lr.
+    ///
+    /// In a data-parallel job ([`crate::dist`]) rank `r` of `W` computes the micro-batches
+    /// `i ≡ r (mod W)`, and the gradients, metrics and loss checks are summed across ranks
+    /// before clipping, so that every rank takes the single-process step of the global batch.
     pub fn train_step(
         &mut self,
         micro_batches: usize,
@@ -133,10 +144,19 @@ impl Trainer {
         let mut total: Option<GradStore> = None;
         let mut metrics = Metrics::new();
         let n = micro_batches.max(1);
+        let (rank, world) = (crate::dist::rank(), crate::dist::world());
+        if n < world {
+            bail!(
+                "step {}: {n} micro-batch(es) for {world} ranks; every rank needs at least one: \
+                 raise --grad-accum to a multiple of {world} (the global batch is --batch-size \
+                 × --grad-accum, split across ranks)",
+                self.step + 1
+            );
+        }
         // The losses and the gradient norm stay on the device until one read after clipping
         // (on CUDA every read waits for the queued work).
         let mut losses = Vec::with_capacity(n + 1);
-        for i in 0..n {
+        for i in (rank..n).step_by(world) {
             let (loss, m) = f(&self.policy, i)?;
             losses.push(loss.detach());
             let grads = (loss / n as f64)?.backward()?;
@@ -160,6 +180,17 @@ impl Trainer {
             }
         }
         let mut grads = total.expect("at least one micro-batch");
+        if world > 1 {
+            // one host read of this rank's losses, then every sum across ranks
+            let local = align_algorithms::ops::read_f64s(&losses)?;
+            let bad = local.iter().filter(|v| !v.is_finite()).count();
+            crate::dist::reduce_step(&mut grads, &self.vars, &mut metrics, bad)?;
+            if metrics.get("nonfinite_losses").copied().unwrap_or(0.0) > 0.0 {
+                return self.nonfinite("a loss on some rank is not finite".to_string());
+            }
+            metrics.remove("nonfinite_losses");
+            losses.clear();
+        }
         let refs: Vec<&Var> = self.vars.iter().map(|(_, v)| v).collect();
         losses.push(clip_grad_norm_tensor(
             &mut grads,
@@ -167,8 +198,8 @@ impl Trainer {
             self.settings.max_grad_norm,
         )?);
         let values = align_algorithms::ops::read_f64s(&losses)?;
-        let grad_norm = values[n];
-        if let Some(bad) = values[..n].iter().find(|v| !v.is_finite()) {
+        let grad_norm = values[values.len() - 1];
+        if let Some(bad) = values[..values.len() - 1].iter().find(|v| !v.is_finite()) {
             return self.nonfinite(format!("loss is {bad}"));
         }
         if !grad_norm.is_finite() {
@@ -233,9 +264,11 @@ impl Trainer {
                 },
             );
         }
-        writeln!(self.metrics_file, "{}", serde_json::Value::Object(obj))
-            .context("writing metrics.jsonl")?;
-        self.metrics_file.flush()?;
+        let Some(file) = self.metrics_file.as_mut() else {
+            return Ok(());
+        };
+        writeln!(file, "{}", serde_json::Value::Object(obj)).context("writing metrics.jsonl")?;
+        file.flush()?;
         Ok(())
     }
 
@@ -260,6 +293,11 @@ impl Trainer {
     pub fn save_checkpoint(&mut self, extra: serde_json::Value) -> Result<PathBuf> {
         let out = &self.settings.out;
         let final_dir = out.join(format!("checkpoint-{}", self.step));
+        if !crate::dist::is_main() {
+            // rank 0 writes the job's checkpoints; every rank holds the same state
+            self.last_checkpoint = Some(final_dir.clone());
+            return Ok(final_dir);
+        }
         let tmp = out.join(format!(".checkpoint-{}.tmp", self.step));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).ok();
@@ -332,11 +370,15 @@ impl Trainer {
         self.step = state.step;
         self.nonfinite_skips = state.nonfinite_skips;
         self.last_checkpoint = Some(dir.to_path_buf());
-        truncate_metrics(&self.metrics_path(), self.step)?;
-        // the truncation replaced the file: append to the new one
-        self.metrics_file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.metrics_path())?;
+        if crate::dist::is_main() {
+            truncate_metrics(&self.metrics_path(), self.step)?;
+            // the truncation replaced the file: append to the new one
+            self.metrics_file = Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(self.metrics_path())?,
+            );
+        }
         self.progress.resume_at(self.step);
         Ok(state.extra)
     }
@@ -345,6 +387,13 @@ impl Trainer {
     pub fn finish(&mut self) -> Result<PathBuf> {
         self.progress.finish();
         let out = self.settings.out.clone();
+        if !crate::dist::is_main() {
+            let name = match self.policy.mode {
+                TrainMode::Full => "model",
+                _ => "adapter",
+            };
+            return Ok(out.join(name));
+        }
         let dest = match self.policy.mode {
             TrainMode::Full => {
                 let d = out.join("model");
@@ -463,12 +512,14 @@ struct Progress {
     total: u64,
     start: Instant,
     start_step: u64,
+    /// ranks other than 0 of a data-parallel job print nothing
+    quiet: bool,
 }
 
 impl Progress {
     fn new(total: u64) -> Self {
         use std::io::IsTerminal;
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (std::io::stderr().is_terminal() && crate::dist::is_main()).then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -483,6 +534,7 @@ impl Progress {
             total,
             start: Instant::now(),
             start_step: 0,
+            quiet: !crate::dist::is_main(),
         }
     }
     fn resume_at(&mut self, step: u64) {
@@ -494,6 +546,9 @@ impl Progress {
         }
     }
     fn update(&self, step: u64, headline: &[(&str, f64)]) {
+        if self.quiet {
+            return;
+        }
         let msg = headline
             .iter()
             .map(|(k, v)| format!("{k} {v:.4}"))
@@ -523,6 +578,9 @@ impl Progress {
         }
     }
     fn note(&self, msg: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(msg),
             None => eprintln!("{msg}"),

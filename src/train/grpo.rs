@@ -312,8 +312,12 @@ impl Algorithm for Grpo {
             if let Some(e) = &s.looping.eval_data {
                 eval = Some(eval_prompts(e, &tok, s)?);
             }
-            let writer =
-                open_rollout_log(&ctx.out, resume_step.unwrap_or(0), resume_step.is_some())?;
+            // rank 0 of a data-parallel job writes the log (every rank samples the same rollouts)
+            let writer = crate::dist::is_main()
+                .then(|| {
+                    open_rollout_log(&ctx.out, resume_step.unwrap_or(0), resume_step.is_some())
+                })
+                .transpose()?;
             online = Some(Online {
                 stream,
                 tok: TokenizerBundle::from_dir(&model)?,
@@ -513,8 +517,10 @@ impl Algorithm for Grpo {
 
     fn checkpoint_state(&mut self, step: u64) -> Result<Value> {
         if let Some(on) = self.online.as_mut() {
-            on.writer.finish()?;
-            on.writer = open_rollout_log(&self.s.run.out, step, true)?;
+            if let Some(w) = on.writer.as_mut() {
+                w.finish()?;
+                *w = open_rollout_log(&self.s.run.out, step, true)?;
+            }
         }
         Ok(serde_json::to_value(GrpoState {
             cursor: self.online.as_ref().map(|o| o.stream.cursor()),
@@ -523,8 +529,8 @@ impl Algorithm for Grpo {
     }
 
     fn finish(&mut self) -> Result<()> {
-        if let Some(on) = self.online.as_mut() {
-            on.writer.finish()?;
+        if let Some(w) = self.online.as_mut().and_then(|on| on.writer.as_mut()) {
+            w.finish()?;
         }
         Ok(())
     }
@@ -857,7 +863,7 @@ struct Online {
     tok: TokenizerBundle,
     reward: Box<dyn RewardFn>,
     sampling: SamplingConfig,
-    writer: RolloutWriter,
+    writer: Option<RolloutWriter>,
 }
 
 struct Offline {
@@ -1030,7 +1036,9 @@ fn next_online_batch(
             advantage: Some(adv[i]),
         })
         .collect();
-    on.writer.write(&rows)?;
+    if let Some(w) = on.writer.as_mut() {
+        w.write(&rows)?;
+    }
     let samples: Vec<Sample> = comps
         .into_iter()
         .enumerate()

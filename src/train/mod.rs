@@ -175,6 +175,14 @@ pub fn start<S: AlgoSettings>(
     embedded: impl FnOnce(&mut S, Option<&Path>) -> Result<()>,
 ) -> Result<Start<S>> {
     let mut st = resolve(&f, embedded)?;
+    if !crate::dist::is_main() {
+        // a data-parallel job: rank 0 opens (or picks) the run folder, the others use it
+        let out = crate::dist::broadcast_string(&st.settings.run().out.to_string_lossy())?;
+        st.settings.run_mut().out = PathBuf::from(out);
+        st.clear_out = false;
+        crate::dist::barrier()?;
+        return Ok(st);
+    }
     let out = st.settings.run().out.clone();
     match &st.run_dir {
         Some(run_dir) => output::open_for_resume(&out, run_dir, f.overwrite)?,
@@ -193,6 +201,10 @@ pub fn start<S: AlgoSettings>(
             output::open_fresh(&st.settings.run().out, f.overwrite)?;
             st.clear_out = f.overwrite;
         }
+    }
+    if crate::dist::world() > 1 {
+        crate::dist::broadcast_string(&st.settings.run().out.to_string_lossy())?;
+        crate::dist::barrier()?;
     }
     Ok(st)
 }
@@ -235,7 +247,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 .map(|n| n.parse::<usize>())
                 .transpose()
                 .map_err(|e| Error::Msg(format!("`device` {s}: bad CUDA ordinal ({e})")))?;
-            Device::new_cuda(ord.unwrap_or(0))
+            // data parallel: plain `cuda` is the rank's own GPU on its machine
+            Device::new_cuda(ord.unwrap_or_else(crate::dist::local_rank))
                 .context("opening the CUDA device (was align built with --features cuda?)")
         }
         other => crate::bail!("unknown device `{other}` (cpu, cuda, cuda:N)"),
@@ -340,7 +353,16 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     });
     let (trainable, total) = policy.param_counts();
     let l = s.lora();
-    eprintln!(
+    let main = crate::dist::is_main();
+    if main && crate::dist::world() > 1 {
+        eprintln!(
+            "data parallel: {} ranks; each computes its share of the {} micro-batch(es) of every step",
+            crate::dist::world(),
+            s.grad_accum()
+        );
+    }
+    if main {
+        eprintln!(
         "{}: {} {} model, {} ({trainable} of {total} parameters trainable, {:.3}%), {}, lr {lr:.2e}",
         <A::Settings as AlgoSettings>::COMMAND,
         policy.cfg().family.name(),
@@ -353,6 +375,7 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
         100.0 * trainable as f64 / total as f64,
         algo.banner(),
     );
+    }
     let (o, lp) = (s.optim(), s.looping());
     let train = TrainSettings {
         lr,
@@ -384,7 +407,9 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     }
     // written once setup succeeded: a run that fails to start leaves the folder as it was
     let settings_path = s.run().out.join("settings.json");
-    crate::error::write_atomic(&settings_path, &serde_json::to_vec_pretty(&s)?)?;
+    if main {
+        crate::error::write_atomic(&settings_path, &serde_json::to_vec_pretty(&s)?)?;
+    }
 
     while trainer.step < steps {
         let n = algo.prepare(&trainer.policy, trainer.step)?;
@@ -429,6 +454,9 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     };
     algo.finish()?;
     let dest = trainer.finish()?;
+    if !main {
+        return Ok(());
+    }
     let metrics = trainer.metrics_path();
     let plot = finish_plot(&metrics, A::PLOT);
     eprintln!("done: {} steps", trainer.step);
