@@ -20,6 +20,7 @@ pub mod plot;
 pub mod policy;
 pub mod process;
 pub mod rewards;
+pub mod score;
 pub mod table;
 pub mod train;
 pub mod trainer;

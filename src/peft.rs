@@ -371,6 +371,19 @@ fn target_list(cfg: &AdapterConfig) -> Vec<String> {
 
 /// Save the policy's adapters in PEFT's format (atomically, file by file).
 pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
+    save_adapter_with(policy, dir, "CAUSAL_LM", None, HashMap::new())
+}
+
+/// [`save_adapter`] for another PEFT task (`SEQ_CLS`, ...): `modules_to_save` are written to
+/// the config and `extra` tensors (already named as PEFT names them, e.g.
+/// `base_model.model.score.weight`) beside the LoRA weights.
+pub fn save_adapter_with(
+    policy: &Policy,
+    dir: &Path,
+    task_type: &str,
+    modules_to_save: Option<Vec<String>>,
+    extra: HashMap<String, Tensor>,
+) -> Result<()> {
     let lc = match &policy.mode {
         crate::policy::TrainMode::Lora(lc) => lc.clone(),
         _ => {
@@ -379,7 +392,7 @@ pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
             ))
         }
     };
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut tensors: HashMap<String, Tensor> = extra;
     let mut targets: Vec<String> = Vec::new();
     // Modules whose rank is not `r` (an --init-adapter with a rank_pattern) keep it by name.
     let mut rank_pattern = BTreeMap::new();
@@ -406,7 +419,7 @@ pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
     targets.sort();
     let cfg = AdapterConfig {
         peft_type: "LORA".into(),
-        task_type: Some("CAUSAL_LM".into()),
+        task_type: Some(task_type.into()),
         base_model_name_or_path: Some(policy.dir.display().to_string()),
         r: lc.r,
         lora_alpha: lc.alpha,
@@ -416,7 +429,7 @@ pub fn save_adapter(policy: &Policy, dir: &Path) -> Result<()> {
         bias: "none".into(),
         fan_in_fan_out: false,
         use_dora: false,
-        modules_to_save: None,
+        modules_to_save: modules_to_save.map(|m| serde_json::json!(m)),
         rank_pattern,
         alpha_pattern: BTreeMap::new(),
         inference_mode: true,
@@ -445,37 +458,12 @@ pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resu
 pub fn save_merged(policy: &Policy, out: &Path, dtype: Option<DType>) -> Result<()> {
     let m = &policy.model;
     let dtype = dtype.unwrap_or(m.dtype);
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut put = |name: String, t: Tensor| -> Result<()> {
-        tensors.insert(name, t.to_dtype(dtype)?);
-        Ok(())
-    };
-    put("model.embed_tokens.weight".into(), m.embed.tensor().clone())?;
-    let tied = m.cfg.tie_word_embeddings;
-    let untie = tied && m.lm_head.lora.is_some();
-    for lin in m.linears() {
-        if lin.path == "lm_head" && tied && !untie {
-            continue;
-        }
-        put(format!("{}.weight", lin.path), lin.merged_weight()?)?;
-        if let Some(b) = &lin.bias {
-            put(format!("{}.bias", lin.path), b.tensor().clone())?;
-        }
-    }
-    for n in m.norms() {
-        put(format!("{}.weight", n.path), n.weight.tensor().clone())?;
-    }
+    let (tensors, untie) = merged_tensors(policy, dtype, true)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_safetensors(&tensors, &out.join("model.safetensors"))?;
     let mut raw = m.cfg.raw.clone();
     if let Some(o) = raw.as_object_mut() {
-        let name = match dtype {
-            DType::F32 => "float32",
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            DType::F64 => "float64",
-            _ => "float32",
-        };
+        let name = dtype_name(dtype);
         o.insert("torch_dtype".into(), serde_json::json!(name));
         if o.contains_key("dtype") {
             o.insert("dtype".into(), serde_json::json!(name));
@@ -488,6 +476,49 @@ pub fn save_merged(policy: &Policy, out: &Path, dtype: Option<DType>) -> Result<
     write_atomic(&out.join("config.json"), &json)?;
     copy_tokenizer_files(&policy.dir, out)?;
     Ok(())
+}
+
+/// The name transformers gives a dtype in config.json (`torch_dtype`).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// The policy's weights by Hugging Face name, LoRA deltas merged, in `dtype`. With `lm_head`
+/// false the LM head is left out (a `*ForSequenceClassification` checkpoint has none).
+/// Returns the tensors and whether a tied head had to be untied (it carries an adapter).
+pub fn merged_tensors(
+    policy: &Policy,
+    dtype: DType,
+    lm_head: bool,
+) -> Result<(HashMap<String, Tensor>, bool)> {
+    let m = &policy.model;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |name: String, t: Tensor| -> Result<()> {
+        tensors.insert(name, t.to_dtype(dtype)?);
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), m.embed.tensor().clone())?;
+    let tied = m.cfg.tie_word_embeddings;
+    let untie = lm_head && tied && m.lm_head.lora.is_some();
+    for lin in m.linears() {
+        if lin.path == "lm_head" && (!lm_head || (tied && !untie)) {
+            continue;
+        }
+        put(format!("{}.weight", lin.path), lin.merged_weight()?)?;
+        if let Some(b) = &lin.bias {
+            put(format!("{}.bias", lin.path), b.tensor().clone())?;
+        }
+    }
+    for n in m.norms() {
+        put(format!("{}.weight", n.path), n.weight.tensor().clone())?;
+    }
+    Ok((tensors, untie))
 }
 
 /// Copy tokenizer and generation files from one model folder to another (those present).

@@ -86,7 +86,19 @@ impl Policy {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         crate::config::check_tokenizer_vocab(dir, &cfg)?;
         let ck = Checkpoint::open(dir, cfg.family.name(), dtype, device)?;
-        let mut model = CausalLm::load(&cfg, &ck, mode == TrainMode::Full)?;
+        Self::from_checkpoint(dir, &cfg, &ck, mode)
+    }
+
+    /// Build from an opened checkpoint of the folder `dir` (its config possibly adjusted, e.g.
+    /// a `*ForSequenceClassification` checkpoint read as tied: it has no LM head).
+    pub fn from_checkpoint(
+        dir: &Path,
+        cfg: &ModelConfig,
+        ck: &Checkpoint,
+        mode: TrainMode,
+    ) -> Result<Self> {
+        let cfg = cfg.clone();
+        let mut model = CausalLm::load(&cfg, ck, mode == TrainMode::Full)?;
         if let TrainMode::Lora(lc) = &mode {
             if lc.r == 0 {
                 return Err(Error::Msg("LoRA rank must be at least 1".into()));

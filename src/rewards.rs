@@ -18,12 +18,10 @@
 //! Patterns use Oniguruma syntax (the engine `tokenizers` ships), which accepts the usual
 //! Perl/Python forms (`\d`, `(?:…)`, `[^…]`, `*?`, lookarounds).
 
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::Fwd;
 use crate::models::CausalLm;
 use crate::process::GroupChild;
-use crate::weights::Checkpoint;
 use align_datasets::TokenizerBundle;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
@@ -352,7 +350,8 @@ impl RewardFn for CharFraction {
 
 /// A Hugging Face `*ForSequenceClassification` reward model of a supported family: the decoder
 /// plus `score.weight` `[num_labels, hidden]` (no bias), read at the last non-pad token of
-/// `prompt + completion` (right padding). The reward is label 0's score.
+/// `prompt + completion` (right padding; transformers' rule, [`crate::score::last_non_pad`]).
+/// The reward is label 0's score. `align rm` writes such folders ([`crate::score`]).
 pub struct RewardModel {
     pub model: CausalLm,
     pub score: Tensor,
@@ -362,47 +361,8 @@ pub struct RewardModel {
 
 impl RewardModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let mut cfg = ModelConfig::from_file(&cfg_path)?;
-        crate::config::check_tokenizer_vocab(dir, &cfg)?;
-        let hidden = cfg.hidden_size;
-        // The classification checkpoint has no lm_head: load the decoder as if tied (the head is
-        // never used).
-        cfg.tie_word_embeddings = true;
-        let ck = Checkpoint::open(dir, cfg.family.name(), dtype, device)?;
-        if !ck.has("score.weight") {
-            return Err(Error::Msg(format!(
-                "{}: no `score.weight` tensor: not a *ForSequenceClassification checkpoint",
-                dir.display()
-            )));
-        }
-        let declared = cfg
-            .raw
-            .get("id2label")
-            .and_then(|m| m.as_object())
-            .map(|m| m.len())
-            .or_else(|| {
-                cfg.raw
-                    .get("num_labels")
-                    .and_then(|n| n.as_u64())
-                    .map(|n| n as usize)
-            });
-        let mut tried = Vec::new();
-        let mut score = None;
-        // num_labels 0 (e.g. an empty id2label) would leave no label-0 score to read.
-        for n in declared.into_iter().chain([1, 2]).filter(|&n| n > 0) {
-            tried.push(n);
-            if let Ok(t) = ck.get("score.weight", &[n, hidden]) {
-                score = Some(t);
-                break;
-            }
-        }
-        let score = score.ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: `score.weight` is not [num_labels, {hidden}] for num_labels in {tried:?}",
-                dir.display()
-            ))
-        })?;
+        let crate::score::SeqClsCheckpoint { cfg, ck, head: score } =
+            crate::score::open_seq_cls(dir, dtype, device)?;
         let model = CausalLm::load(&cfg, &ck, false)?;
         let tok = TokenizerBundle::from_dir(dir)
             .map_err(|e| Error::Msg(format!("reward model tokenizer: {e}")))?;
@@ -464,7 +424,7 @@ impl RewardModel {
         let last: Vec<u32> = seqs
             .iter()
             .enumerate()
-            .map(|(i, s)| (i * t + s.len().max(1) - 1) as u32)
+            .map(|(i, s)| (i * t + crate::score::last_non_pad(s, pad)) as u32)
             .collect();
         let hidden = self.model.cfg.hidden_size;
         let sel = h

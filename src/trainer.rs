@@ -3,7 +3,8 @@
 //! checkpoints and exact resume.
 //!
 //! A checkpoint `OUT/checkpoint-<step>/` holds the trainable weights (a PEFT adapter, or the
-//! full-FT weights), the optimizer state, `trainer_state.json` (step, the resolved settings and
+//! full-FT weights), the algorithm's own variables (`extra_vars.safetensors`, when it has
+//! any), the optimizer state, `trainer_state.json` (step, the resolved settings and
 //! an algorithm's opaque `extra`: data cursor, RNG state...). It is written to a hidden temp
 //! folder and renamed into place, so a kill at any moment leaves the previous one usable.
 
@@ -23,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub type Metrics = BTreeMap<String, f64>;
+
+/// A checkpoint's file of the algorithm's own trainable variables (safetensors, by name).
+pub const EXTRA_VARS_FILE: &str = "extra_vars.safetensors";
 
 /// Resolved optimisation settings (saved beside every checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -67,7 +71,11 @@ pub struct Trainer {
     pub nonfinite_skips: u64,
     opt: AdamW,
     sched: LrScheduler,
+    /// The policy's trainable variables.
     vars: Vec<(String, Var)>,
+    /// The algorithm's own trainable variables ([`crate::train::Algorithm::extra_vars`]: a
+    /// reward model's head, PPO's value model), optimised with the policy's.
+    extra: Vec<(String, Var)>,
     metrics_file: std::fs::File,
     progress: Progress,
     last_checkpoint: Option<PathBuf>,
@@ -75,12 +83,30 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(policy: Policy, settings: TrainSettings) -> Result<Self> {
+        Self::with_extra_vars(policy, settings, Vec::new())
+    }
+
+    /// A trainer that also optimises `extra` (named variables outside the policy) with the same
+    /// AdamW and schedule: they are in the accumulated gradients, the clipping and the reported
+    /// gradient norm, and every checkpoint holds them (`extra_vars.safetensors`) and their
+    /// optimiser state, so a resume restores them exactly.
+    pub fn with_extra_vars(
+        policy: Policy,
+        settings: TrainSettings,
+        extra: Vec<(String, Var)>,
+    ) -> Result<Self> {
         let vars = policy.trainable_vars();
         if vars.is_empty() {
             bail!("the policy has no trainable parameters (choose --rank or --full)");
         }
+        let mut seen = std::collections::HashSet::new();
+        for (n, _) in vars.iter().chain(&extra) {
+            if !seen.insert(n.as_str()) {
+                bail!("trainable variable name `{n}` is used twice (policy and algorithm variables need distinct names)");
+            }
+        }
         let opt = AdamW::new(
-            vars.clone(),
+            vars.iter().chain(&extra).cloned().collect(),
             AdamWConfig {
                 lr: settings.lr,
                 weight_decay: settings.weight_decay,
@@ -109,6 +135,7 @@ impl Trainer {
             opt,
             sched,
             vars,
+            extra,
             metrics_file,
             progress,
             last_checkpoint: None,
@@ -143,7 +170,7 @@ impl Trainer {
             total = Some(match total {
                 None => grads,
                 Some(mut acc) => {
-                    for (_, v) in &self.vars {
+                    for (_, v) in self.vars.iter().chain(&self.extra) {
                         if let Some(g) = grads.get(v.as_tensor()) {
                             let sum = match acc.get(v.as_tensor()) {
                                 Some(a) => (a + g)?,
@@ -160,7 +187,7 @@ impl Trainer {
             }
         }
         let mut grads = total.expect("at least one micro-batch");
-        let refs: Vec<&Var> = self.vars.iter().map(|(_, v)| v).collect();
+        let refs: Vec<&Var> = self.vars.iter().chain(&self.extra).map(|(_, v)| v).collect();
         losses.push(clip_grad_norm_tensor(
             &mut grads,
             &refs,
@@ -266,6 +293,14 @@ impl Trainer {
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         save_weights(&self.policy, &self.vars, &tmp)?;
+        if !self.extra.is_empty() {
+            let map: std::collections::HashMap<String, Tensor> = self
+                .extra
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            crate::peft::write_safetensors(&map, &tmp.join(EXTRA_VARS_FILE))?;
+        }
         self.opt.state()?.save(tmp.join("optimizer"))?;
         let state = TrainerState {
             step: self.step,
@@ -313,6 +348,16 @@ impl Trainer {
         };
         load_weights(&self.policy, &self.vars, dir)
             .with_context(|| format!("{}: the weights are unreadable{}", dir.display(), older()))?;
+        if !self.extra.is_empty() {
+            load_named(&dir.join(EXTRA_VARS_FILE), "", &self.extra, self.policy.device())
+                .with_context(|| {
+                    format!(
+                        "{}: the algorithm's variables are unreadable{}",
+                        dir.display(),
+                        older()
+                    )
+                })?;
+        }
         let opt_prefix = dir.join("optimizer");
         let opt = AdamWState::load(&opt_prefix, self.policy.device()).with_context(|| {
             format!(
@@ -339,6 +384,11 @@ impl Trainer {
             .open(self.metrics_path())?;
         self.progress.resume_at(self.step);
         Ok(state.extra)
+    }
+
+    /// Close the progress display (before an algorithm writes its own final outputs).
+    pub fn end_progress(&self) {
+        self.progress.finish();
     }
 
     /// Save the final adapter (`OUT/adapter/`, PEFT) or model (`OUT/model/`, HF) and a plot.
@@ -405,7 +455,17 @@ fn load_weights(policy: &Policy, vars: &[(String, Var)], dir: &Path) -> Result<(
             "base_model.model.",
         ),
     };
-    let saved = candle_core::safetensors::load(&file, policy.device())
+    load_named(&file, prefix, vars, policy.device())
+}
+
+/// Set each variable from the tensor `<prefix><name>` of a safetensors file (shapes checked).
+fn load_named(
+    file: &Path,
+    prefix: &str,
+    vars: &[(String, Var)],
+    device: &candle_core::Device,
+) -> Result<()> {
+    let saved = candle_core::safetensors::load(file, device)
         .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
     for (name, var) in vars {
         let key = format!("{prefix}{name}");
@@ -417,7 +477,7 @@ fn load_weights(policy: &Policy, vars: &[(String, Var)], dir: &Path) -> Result<(
         })?;
         if t.dims() != var.dims() {
             bail!(
-                "{}: tensor `{key}` has shape {:?}, the policy expects {:?}",
+                "{}: tensor `{key}` has shape {:?}, the run expects {:?}",
                 file.display(),
                 t.dims(),
                 var.dims()

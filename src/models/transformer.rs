@@ -585,7 +585,7 @@ impl CausalLm {
 
     /// Hidden states `[B, T, hidden]` of a right-padded training batch (positions 0..T,
     /// causal mask).
-    fn forward_batch(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
+    pub fn forward_batch(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
         let (b, t) = ids_b_t.dims2()?;
         let pos = Tensor::arange(0u32, t as u32, &self.device)?
             .unsqueeze(0)?

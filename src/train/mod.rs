@@ -23,7 +23,7 @@ use crate::error::{Context, Error, Result};
 use crate::lora::LoraConfig;
 use crate::policy::{Policy, TrainMode};
 use crate::trainer::{list_checkpoints, read_state, Metrics, StepOutcome, TrainSettings, Trainer};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use serde_json::Value;
 use settings::{AlgoSettings, Layer};
@@ -33,9 +33,10 @@ use std::path::{Path, PathBuf};
 /// this (plus its pure loss in `align-algorithms`, a flags struct and an enum arm in main.rs).
 ///
 /// Two trainable networks (PPO's policy and value model) fit: the algorithm owns the second
-/// network and its optimiser, `micro_loss` returns the policy loss and the algorithm steps
-/// the value model in [`Algorithm::after_step`]; online rollouts are generated in
-/// [`Algorithm::prepare`], as GRPO does.
+/// network and hands its variables to the shared optimiser with [`Algorithm::extra_vars`]
+/// (one AdamW over both, as TRL's PPO trains policy and value model); `micro_loss` returns
+/// the combined loss. A reward model's head is such a variable too. Online rollouts are
+/// generated in [`Algorithm::prepare`], as GRPO does.
 pub trait Algorithm: Sized {
     type Settings: AlgoSettings;
     /// Default learning rates for full fine-tuning and for LoRA.
@@ -50,6 +51,15 @@ pub trait Algorithm: Sized {
     fn new(s: &Self::Settings, policy: &Policy, ctx: &Setup) -> Result<Self>;
     /// Total optimizer steps of the run.
     fn steps(&self) -> u64;
+    /// Trainable variables the algorithm owns besides the policy's (a score head, a value
+    /// model), with names distinct from the policy's. They are optimised by the same AdamW
+    /// (schedule, weight decay, clipping and the reported `grad_norm` include them), saved in
+    /// every checkpoint (`extra_vars.safetensors`, with their optimiser state) and restored
+    /// exactly on `--resume`, before the first [`Algorithm::prepare`]. Asked once, after
+    /// [`Algorithm::new`].
+    fn extra_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
     /// The banner's algorithm-specific tail: rows, batch shape, loss...
     fn banner(&self) -> String;
     /// Make the micro-batches of the step after `step` (sampling rollouts for online
@@ -70,6 +80,12 @@ pub trait Algorithm: Sized {
     /// Flush what the algorithm writes itself (GRPO's rollout log).
     fn finish(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// The run's final outputs, when the algorithm writes them itself instead of the
+    /// trainer's `OUT/adapter/` (LoRA) or `OUT/model/` (full): returns the folder the summary
+    /// names. `None` (the default): the trainer saves the policy as usual.
+    fn export(&self, _policy: &Policy, _out: &Path) -> Result<Option<PathBuf>> {
+        Ok(None)
     }
     /// End-of-run lines: the held-out result, skipped rows, truncation.
     fn summary(&self, final_eval: &Metrics) -> Vec<String>;
@@ -374,7 +390,7 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     if start.clear_out {
         output::clear_run_files(&s.run().out)?;
     }
-    let mut trainer = Trainer::new(policy, train)?;
+    let mut trainer = Trainer::with_extra_vars(policy, train, algo.extra_vars())?;
     if let Some(dir) = &start.resume {
         trainer.resume(dir)?;
         trainer.note(&format!(
@@ -429,7 +445,14 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
         None => Metrics::new(),
     };
     algo.finish()?;
-    let dest = trainer.finish()?;
+    trainer.end_progress();
+    let (label, dest) = match algo.export(&trainer.policy, &s.run().out)? {
+        Some(d) => ("outputs", d),
+        None => (
+            if s.lora().full { "model" } else { "adapter" },
+            trainer.finish()?,
+        ),
+    };
     let metrics = trainer.metrics_path();
     let plot = finish_plot(&metrics, A::PLOT);
     eprintln!("done: {} steps", trainer.step);
@@ -439,11 +462,7 @@ pub fn execute<A: Algorithm>(start: Start<A::Settings>) -> Result<()> {
     if trainer.nonfinite_skips > 0 {
         eprintln!("non-finite batches skipped: {}", trainer.nonfinite_skips);
     }
-    eprintln!(
-        "{}: {}",
-        if s.lora().full { "model" } else { "adapter" },
-        dest.display()
-    );
+    eprintln!("{label}: {}", dest.display());
     eprintln!("metrics: {}", metrics.display());
     if let Some(p) = plot {
         eprintln!("plot: {}", p.display());
