@@ -1083,7 +1083,9 @@ impl Algorithm for Ppo {
         })
     }
 
-    // MERGE-RM: fn extra_vars(&self) -> Vec<(String, Var)> { self.value.vars() }
+    fn extra_vars(&self) -> Vec<(String, Var)> {
+        self.value.vars()
+    }
 
     fn steps(&self) -> u64 {
         self.steps
