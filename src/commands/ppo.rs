@@ -266,7 +266,7 @@ mod tests {
                 .contains("num_mini_batches")
         );
         assert!(with(&["--save-every", "3"]).contains("save_every"));
-        assert!(with(&["--kl-estimator", "k2"]).contains("kl_estimator"));
+        assert!(with(&["--kl-estimator", "k2"]).contains("--kl-estimator"));
         assert!(with(&["--lam", "1.5"]).contains("lam"));
     }
 }
