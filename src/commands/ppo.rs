@@ -146,8 +146,10 @@ pub struct Args {
     pub dev: DeviceArgs,
 }
 
-/// Rollout batches of the embedded default run when --steps is not given.
-const EMBEDDED_STEPS: u64 = 16;
+/// Optimizer steps of the embedded default run when --steps is not given (16 rollout batches).
+const EMBEDDED_STEPS: u64 = 64;
+/// Learning rate of the embedded default run when --lr is not given.
+const EMBEDDED_LR: f64 = 3e-4;
 
 /// With no --model and no --prompts: the embedded demo model, the prompts of its preference
 /// sample and (no reward model ships) the char_fraction verifier.
@@ -168,6 +170,10 @@ fn embedded(s: &mut PpoSettings, assets: Option<&Path>) -> crate::Result<()> {
     }
     if s.looping.steps.is_none() {
         s.looping.steps = Some(EMBEDDED_STEPS);
+    }
+    if s.optim.lr.is_none() {
+        // the demo should move in a minute; TRL's 3e-6 (×10 for LoRA) barely does
+        s.optim.lr = Some(EMBEDDED_LR);
     }
     if s.response_length == 53 {
         s.response_length = 24;

@@ -1293,8 +1293,13 @@ impl RolloutLog {
         if now.is_empty() {
             return Ok(());
         }
-        let mut rows = read_ppo_rollouts(&self.path)
-            .with_context(|| format!("reading the rollout log {}", self.path.display()))?;
+        // absent: nothing committed yet (`--overwrite` clears the run files after setup)
+        let mut rows = if self.path.exists() {
+            read_ppo_rollouts(&self.path)
+                .with_context(|| format!("reading the rollout log {}", self.path.display()))?
+        } else {
+            Vec::new()
+        };
         rows.extend(now);
         self.write_file(&rows)
     }
