@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Align language models with preference and reinforcement learning on LoRA policies",
     long_about = "align trains LoRA adapters (or, as a baseline, all weights) of Hugging Face \
-decoder models (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) with DPO, GRPO and SFT, on CPU \
+decoder models (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) with DPO, GRPO, PPO and SFT, on CPU \
 or CUDA. Adapters are written in PEFT's format. Run `align dpo` with no arguments for a small \
 embedded demo."
 )]
@@ -27,6 +27,8 @@ enum Command {
     Sft(Box<commands::sft::Args>),
     /// Group Relative Policy Optimisation with verifiable or model rewards.
     Grpo(Box<commands::grpo::Args>),
+    /// PPO with a value model (RLHF): rewards from a reward model or a verifier.
+    Ppo(Box<commands::ppo::Args>),
     /// Sample completions for a prompt set.
     Generate(commands::generate::Args),
     /// Per-pair log-probabilities of chosen and rejected completions, as JSON lines.
@@ -81,6 +83,7 @@ fn main() {
         Command::Dpo(a) => commands::dpo::run(*a),
         Command::Sft(a) => commands::sft::run(*a),
         Command::Grpo(a) => commands::grpo::run(*a),
+        Command::Ppo(a) => commands::ppo::run(*a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Merge(a) => commands::merge::run(a),

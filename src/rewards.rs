@@ -361,8 +361,11 @@ pub struct RewardModel {
 
 impl RewardModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let crate::score::SeqClsCheckpoint { cfg, ck, head: score } =
-            crate::score::open_seq_cls(dir, dtype, device)?;
+        let crate::score::SeqClsCheckpoint {
+            cfg,
+            ck,
+            head: score,
+        } = crate::score::open_seq_cls(dir, dtype, device)?;
         let model = CausalLm::load(&cfg, &ck, false)?;
         let tok = TokenizerBundle::from_dir(dir)
             .map_err(|e| Error::Msg(format!("reward model tokenizer: {e}")))?;

@@ -32,10 +32,12 @@ pub const HEAD: &str = "score.weight";
 /// reward/value head init; transformers would use `initializer_range`).
 pub fn fresh_head(hidden: usize, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
     let std = 1.0 / ((hidden + 1) as f64).sqrt();
-    let normal = rand_distr::Normal::new(0.0, std)
-        .map_err(|e| Error::Msg(format!("head init: {e}")))?;
+    let normal =
+        rand_distr::Normal::new(0.0, std).map_err(|e| Error::Msg(format!("head init: {e}")))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5c0e_5c0e);
-    let v: Vec<f32> = (0..hidden).map(|_| normal.sample(&mut rng) as f32).collect();
+    let v: Vec<f32> = (0..hidden)
+        .map(|_| normal.sample(&mut rng) as f32)
+        .collect();
     Ok(Tensor::from_vec(v, (1, hidden), device)?.to_dtype(dtype)?)
 }
 
@@ -100,7 +102,11 @@ pub fn scores_at(hidden_b_t_h: &Tensor, at: &[usize], head: &Tensor) -> Result<T
     if at.len() != b || at.iter().any(|&i| i >= t) {
         crate::bail!("scores_at: positions {at:?} for a [{b}, {t}] batch");
     }
-    let rows: Vec<u32> = at.iter().enumerate().map(|(i, &j)| (i * t + j) as u32).collect();
+    let rows: Vec<u32> = at
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| (i * t + j) as u32)
+        .collect();
     let sel = hidden_b_t_h
         .reshape((b * t, h))?
         .index_select(&Tensor::new(rows, hidden_b_t_h.device())?, 0)?
@@ -239,7 +245,13 @@ impl ScoreModel {
 
     /// Write the model as a merged `*ForSequenceClassification` folder ([`save_seq_cls`]).
     pub fn save(&self, out: &Path, stats: Option<(f64, f64)>) -> Result<()> {
-        save_seq_cls(&self.backbone, self.head.as_tensor(), self.pad_id, out, stats)
+        save_seq_cls(
+            &self.backbone,
+            self.head.as_tensor(),
+            self.pad_id,
+            out,
+            stats,
+        )
     }
 }
 

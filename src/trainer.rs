@@ -388,14 +388,19 @@ impl Trainer {
         load_weights(&self.policy, &self.vars, dir)
             .with_context(|| format!("{}: the weights are unreadable{}", dir.display(), older()))?;
         if !self.extra.is_empty() {
-            load_named(&dir.join(EXTRA_VARS_FILE), "", &self.extra, self.policy.device())
-                .with_context(|| {
-                    format!(
-                        "{}: the algorithm's variables are unreadable{}",
-                        dir.display(),
-                        older()
-                    )
-                })?;
+            load_named(
+                &dir.join(EXTRA_VARS_FILE),
+                "",
+                &self.extra,
+                self.policy.device(),
+            )
+            .with_context(|| {
+                format!(
+                    "{}: the algorithm's variables are unreadable{}",
+                    dir.display(),
+                    older()
+                )
+            })?;
         }
         let opt_prefix = dir.join("optimizer");
         let opt = AdamWState::load(&opt_prefix, self.policy.device()).with_context(|| {

@@ -62,7 +62,11 @@ fn fresh_head_is_seeded_with_the_documented_std() {
     let var = va.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
     let want = 1.0 / 4097f64.sqrt();
     assert!(mean.abs() < 3.0 * want / n.sqrt() * 2.0, "mean {mean}");
-    assert!((var.sqrt() / want - 1.0).abs() < 0.05, "std {} vs {want}", var.sqrt());
+    assert!(
+        (var.sqrt() / want - 1.0).abs() < 0.05,
+        "std {} vs {want}",
+        var.sqrt()
+    );
 }
 
 #[test]
@@ -79,7 +83,10 @@ fn scores_are_padding_invariant_and_adapters_toggle() {
     let alone_a = m.last_scores(&ids(&[a], pad), Fwd::POLICY).unwrap();
     let (both, alone_a, alone_b) = (vals(&both), vals(&alone_a), vals(&alone_b));
     assert!((both[0] - alone_a[0]).abs() < 1e-5);
-    assert!((both[1] - alone_b[0]).abs() < 1e-5, "{both:?} vs {alone_b:?}");
+    assert!(
+        (both[1] - alone_b[0]).abs() < 1e-5,
+        "{both:?} vs {alone_b:?}"
+    );
     // every position's score: the last one read is the [B] score
     let all = m.scores(&ids(&[a], pad), Fwd::POLICY).unwrap();
     assert_eq!(all.dims(), [1, 5]);
@@ -131,7 +138,10 @@ fn saved_seq_cls_folder_loads_back_with_the_same_scores() {
     assert_eq!(cfg["architectures"][0], "Qwen2ForSequenceClassification");
     assert_eq!(cfg["num_labels"], 1);
     assert_eq!(cfg["pad_token_id"], 0);
-    assert_eq!((cfg["mean"].as_f64(), cfg["std"].as_f64()), (Some(0.25), Some(1.5)));
+    assert_eq!(
+        (cfg["mean"].as_f64(), cfg["std"].as_f64()),
+        (Some(0.25), Some(1.5))
+    );
     let x = ids(&[&[1, 5, 9, 13, 40], &[1, 7, 30]], 0);
     let want = vals(&m.last_scores(&x, Fwd::POLICY).unwrap());
     let back = ScoreModel::load(&rm, TrainMode::Frozen, DType::F32, &Device::Cpu).unwrap();
@@ -163,7 +173,10 @@ fn saved_seq_cls_folder_loads_back_with_the_same_scores() {
         .err()
         .expect("a mismatched head must be refused")
         .to_string();
-    assert!(e.contains("score.weight") && e.contains("hidden_size"), "{e}");
+    assert!(
+        e.contains("score.weight") && e.contains("hidden_size"),
+        "{e}"
+    );
 }
 
 /// An error with its causes, as `align` prints them.
@@ -270,9 +283,13 @@ fn extra_vars_are_trained_clipped_checkpointed_and_resumed_exactly() {
     // names must be distinct from the policy's
     let m = ScoreModel::from_base(&dir, lora(3), 1, DType::F32, &Device::Cpu).unwrap();
     let (n0, v0) = m.backbone.trainable_vars()[0].clone();
-    let e = Trainer::with_extra_vars(m.backbone, settings(&tmp.path().join("d"), 1, 0), vec![(n0, v0)])
-        .err()
-        .expect("a duplicate name must be refused")
-        .to_string();
+    let e = Trainer::with_extra_vars(
+        m.backbone,
+        settings(&tmp.path().join("d"), 1, 0),
+        vec![(n0, v0)],
+    )
+    .err()
+    .expect("a duplicate name must be refused")
+    .to_string();
     assert!(e.contains("used twice"), "{e}");
 }

@@ -28,8 +28,9 @@ pub use optim::{
     LrScheduleKind, LrScheduler,
 };
 pub use ppo::{
-    gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, ppo_total_loss, ppo_value_loss,
-    KlController, PpoPolicyMetrics,
+    gae, kl_penalized_rewards, masked_whiten, missing_eos_penalty, ppo_policy_loss, ppo_rewards,
+    ppo_total_loss, ppo_value_loss, token_entropy, KlController, KlEstimator, PpoPolicyMetrics,
+    PpoRewards,
 };
 pub use reward_model::{reward_model_loss, RewardMetrics};
 pub use sft::sft_loss;

@@ -18,9 +18,24 @@
 //! * KL controllers (Ziegler et al. 2019, §2.2; TRL `AdaptiveKLController`):
 //!   `e = clip(KL/target − 1, −0.2, 0.2)`, `β ← β·(1 + e·n_steps/horizon)`.
 //!
-//! Departures: TRL masks values with a mask one position longer than the response mask
-//! (`padding_mask_p1`); here one `mask_B_T` is used for everything (pass a longer mask to
-//! [`ppo_value_loss`] to mimic it). No `whiten_rewards`, EOS-missing penalty or k3 reward estimator.
+//! * KL estimators (Schulman, "Approximating KL divergence", 2020; TRL `kl_estimator`): with
+//!   `logr = ref_logp − logp`, k1 `= −logr`, k3 `= (exp(logr) − 1) − logr` ([`KlEstimator`]).
+//! * `whiten_rewards` (TRL): `rewards = masked_whiten(rewards, mask, shift_mean=False)`, then 0 on
+//!   padding, before GAE ([`ppo_rewards`]).
+//! * missing-EOS penalty (TRL `missing_eos_penalty`): `scores[~contains_eos] −= penalty`
+//!   ([`missing_eos_penalty`]).
+//! * entropy of the sampling distribution (TRL's `policy/entropy_avg`):
+//!   `H_t = logsumexp(z_t) − Σ_v softmax(z_t)_v · z_{t,v}` over logits `z` already divided by
+//!   the temperature ([`token_entropy`], differentiable, for an `−entropy_coef·H` bonus as
+//!   OpenRLHF's `entropy_loss_coef`; TRL's PPO has no entropy term).
+//!
+//! Departures from TRL:
+//! * TRL masks values with a mask one position longer than the response mask
+//!   (`padding_mask_p1`) and adds the score one position *after* the last response token
+//!   (`actual_end = sequence_lengths + 1` when that fits). Here one `mask_B_T` is used for
+//!   everything and the score lands on the last real completion token (pass a longer mask to
+//!   [`ppo_value_loss`] to mimic TRL's value mask).
+//! * `ppo_total_loss` optionally subtracts an entropy bonus (TRL has none; OpenRLHF does).
 
 use crate::error::{bail_config, Result};
 use crate::ops::{clamp_like_torch, expect_rank, masked_mean, same_shapes, scalar_f64};
@@ -36,7 +51,65 @@ pub fn kl_penalized_rewards(
     mask_B_T: &Tensor,
     kl_coef: f64,
 ) -> Result<Tensor> {
-    const OP: &str = "kl_penalized_rewards";
+    Ok(ppo_rewards(
+        score_B,
+        logp_B_T,
+        ref_logp_B_T,
+        mask_B_T,
+        kl_coef,
+        KlEstimator::K1,
+        false,
+    )?
+    .rewards_B_T)
+}
+
+/// Per-token KL estimator of `KL(π ‖ π_ref)` from sampled-token log-probs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    /// `logp − ref_logp` (unbiased, can be negative per token; TRL's default).
+    #[default]
+    K1,
+    /// `(exp(ref − logp) − 1) − (ref − logp)` (unbiased, always ≥ 0, lower variance).
+    K3,
+}
+
+impl KlEstimator {
+    /// The per-token estimate `[B, T]` (detached inputs give a detached result).
+    pub fn per_token(self, logp_B_T: &Tensor, ref_logp_B_T: &Tensor) -> Result<Tensor> {
+        let logr = (ref_logp_B_T - logp_B_T)?;
+        Ok(match self {
+            KlEstimator::K1 => logr.neg()?,
+            KlEstimator::K3 => ((logr.exp()? - 1.0)? - &logr)?,
+        })
+    }
+}
+
+/// What [`ppo_rewards`] computes: per-token rewards for GAE and the pieces TRL logs.
+#[derive(Clone, Debug)]
+pub struct PpoRewards {
+    /// `−β·KL_t` plus the score at each row's last masked token (whitened with
+    /// `whiten_rewards`); 0 on padding.
+    pub rewards_B_T: Tensor,
+    /// The per-token KL estimate, 0 on padding (`objective/kl` = mean over rows of its row sums).
+    pub kl_B_T: Tensor,
+    /// `−β·KL_t`, 0 on padding (`objective/non_score_reward`).
+    pub non_score_B_T: Tensor,
+}
+
+/// TRL's step 4–5 of a PPO batch: `r_t = −kl_coef·KL_t` with the chosen estimator, the score
+/// added at the last masked token, then optionally `masked_whiten(r, mask, shift_mean=False)`.
+/// All outputs are detached.
+pub fn ppo_rewards(
+    score_B: &Tensor,
+    logp_B_T: &Tensor,
+    ref_logp_B_T: &Tensor,
+    mask_B_T: &Tensor,
+    kl_coef: f64,
+    estimator: KlEstimator,
+    whiten_rewards: bool,
+) -> Result<PpoRewards> {
+    const OP: &str = "ppo_rewards";
     expect_rank(OP, "logp_B_T", logp_B_T, 2)?;
     same_shapes(
         OP,
@@ -52,22 +125,61 @@ pub fn kl_penalized_rewards(
     }
     let dtype = logp_B_T.dtype();
     let mask = mask_B_T.to_dtype(dtype)?.detach();
-    let non_score = ((logp_B_T.detach() - ref_logp_B_T.detach())? * (-kl_coef))?;
-    // one-hot of the last masked position per row
-    let m = mask.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let kl = (estimator.per_token(&logp_B_T.detach(), &ref_logp_B_T.detach())? * &mask)?;
+    let non_score = (&kl * (-kl_coef))?;
+    let last = last_token_one_hot(&mask)?;
+    let score = score_B
+        .detach()
+        .to_dtype(dtype)?
+        .unsqueeze(1)?
+        .broadcast_as((b, t))?;
+    let mut rewards = ((&non_score + (last * score)?)? * &mask)?;
+    if whiten_rewards {
+        rewards = (masked_whiten(&rewards, &mask, false)? * &mask)?;
+    }
+    Ok(PpoRewards {
+        rewards_B_T: rewards,
+        kl_B_T: kl,
+        non_score_B_T: non_score,
+    })
+}
+
+/// One-hot `[B, T]` of each row's last nonzero mask position (a row with none stays 0).
+fn last_token_one_hot(mask_B_T: &Tensor) -> Result<Tensor> {
+    let (b, t) = mask_B_T.dims2()?;
+    let m = mask_B_T.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let mut last = vec![0f64; b * t];
     for (i, row) in m.iter().enumerate() {
         if let Some(j) = row.iter().rposition(|&v| v != 0.0) {
             last[i * t + j] = 1.0;
         }
     }
-    let last = Tensor::from_vec(last, (b, t), logp_B_T.device())?.to_dtype(dtype)?;
-    let score = score_B
-        .detach()
-        .to_dtype(dtype)?
-        .unsqueeze(1)?
-        .broadcast_as((b, t))?;
-    Ok(((non_score + (last * score)?)? * mask)?)
+    Ok(Tensor::from_vec(last, (b, t), mask_B_T.device())?.to_dtype(mask_B_T.dtype())?)
+}
+
+/// TRL's EOS trick: `penalty` is subtracted from the score of each completion that has no EOS
+/// (it was cut at the length limit). `has_eos_B` holds 1 for a completion that ended with EOS.
+pub fn missing_eos_penalty(score_B: &Tensor, has_eos_B: &Tensor, penalty: f64) -> Result<Tensor> {
+    const OP: &str = "missing_eos_penalty";
+    expect_rank(OP, "score_B", score_B, 1)?;
+    same_shapes(OP, &[("score_B", score_B), ("has_eos_B", has_eos_B)])?;
+    let missing = (1.0 - has_eos_B.to_dtype(score_B.dtype())?)?;
+    Ok((score_B - (missing * penalty)?)?)
+}
+
+/// Entropy `[B, T]` of `softmax(logits)` at each position, `logsumexp(z) − Σ softmax(z)·z`
+/// (TRL's `entropy_from_logits`); differentiable. Pass logits already divided by the sampling
+/// temperature.
+pub fn token_entropy(logits_B_T_V: &Tensor) -> Result<Tensor> {
+    expect_rank("token_entropy", "logits_B_T_V", logits_B_T_V, 3)?;
+    let z = logits_B_T_V;
+    let max = z.max_keepdim(D::Minus1)?.detach();
+    let shifted = z.broadcast_sub(&max)?;
+    let sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?;
+    let lse = (sum_exp.log()? + &max)?;
+    let p = shifted.exp()?.broadcast_div(&sum_exp)?;
+    let pz = (p * z)?.sum_keepdim(D::Minus1)?;
+    Ok((lse - pz)?.squeeze(D::Minus1)?)
 }
 
 /// TRL `masked_whiten` (unbiased masked variance, eps 1e-8).
@@ -214,9 +326,19 @@ pub fn ppo_value_loss(
     Ok((loss, clipfrac))
 }
 
-/// Entropy-free total PPO loss helper: `pg + vf_coef·vf`.
-pub fn ppo_total_loss(pg_loss: &Tensor, vf_loss: &Tensor, vf_coef: f64) -> Result<Tensor> {
-    Ok((pg_loss + (vf_loss * vf_coef)?)?)
+/// Total PPO loss `pg + vf_coef·vf` (TRL), minus `entropy_coef · entropy` when an entropy
+/// (a scalar: the masked mean of [`token_entropy`]) is given (OpenRLHF's entropy bonus).
+pub fn ppo_total_loss(
+    pg_loss: &Tensor,
+    vf_loss: &Tensor,
+    vf_coef: f64,
+    entropy: Option<(&Tensor, f64)>,
+) -> Result<Tensor> {
+    let loss = (pg_loss + (vf_loss * vf_coef)?)?;
+    Ok(match entropy {
+        Some((h, coef)) if coef != 0.0 => (loss - (h * coef)?)?,
+        _ => loss,
+    })
 }
 
 /// KL coefficient controller (Ziegler et al. 2019).
@@ -256,4 +378,138 @@ impl KlController {
 /// Sum of `x` over the last dim (convenience for sequence log-probs).
 pub fn seq_sum(x_B_T: &Tensor, mask_B_T: &Tensor) -> Result<Tensor> {
     Ok((x_B_T * mask_B_T.to_dtype(x_B_T.dtype())?)?.sum(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t2(v: &[f64], b: usize, t: usize) -> Tensor {
+        Tensor::from_vec(v.to_vec(), (b, t), &Device::Cpu).unwrap()
+    }
+    fn close(a: &[f64], b: &[f64], tol: f64) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{a:?} vs {b:?}");
+        }
+    }
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    #[test]
+    fn k1_and_k3_follow_schulman() {
+        // logr = ref − logp = −0.5: k1 = 0.5, k3 = e^−0.5 − 1 + 0.5
+        let lp = t2(&[-1.0, -2.0], 1, 2);
+        let rf = t2(&[-1.5, -2.0], 1, 2);
+        close(
+            &flat(&KlEstimator::K1.per_token(&lp, &rf).unwrap()),
+            &[0.5, 0.0],
+            1e-12,
+        );
+        let k3 = (-0.5f64).exp() - 1.0 + 0.5;
+        close(
+            &flat(&KlEstimator::K3.per_token(&lp, &rf).unwrap()),
+            &[k3, 0.0],
+            1e-12,
+        );
+        // k3 is never negative, k1 can be
+        let k1n = KlEstimator::K1.per_token(&rf, &lp).unwrap();
+        assert!(flat(&k1n)[0] < 0.0);
+        assert!(flat(&KlEstimator::K3.per_token(&rf, &lp).unwrap())[0] > 0.0);
+    }
+
+    #[test]
+    fn rewards_put_the_score_on_the_last_real_token_and_zero_padding() {
+        let lp = t2(&[-1.0, -2.0, -3.0, -1.0, -1.0, -1.0], 2, 3);
+        let rf = t2(&[-1.5, -2.0, -9.0, -1.0, -0.5, -1.0], 2, 3);
+        let mask = t2(&[1.0, 1.0, 0.0, 1.0, 1.0, 1.0], 2, 3);
+        let score = Tensor::new(&[2.0f64, -1.0], &Device::Cpu).unwrap();
+        let r = ppo_rewards(&score, &lp, &rf, &mask, 0.1, KlEstimator::K1, false).unwrap();
+        close(
+            &flat(&r.rewards_B_T),
+            &[-0.05, 2.0, 0.0, 0.0, 0.05, -1.0],
+            1e-12,
+        );
+        close(&flat(&r.kl_B_T), &[0.5, 0.0, 0.0, 0.0, -0.5, 0.0], 1e-12);
+        close(
+            &flat(&r.non_score_B_T),
+            &[-0.05, 0.0, 0.0, 0.0, 0.05, 0.0],
+            1e-12,
+        );
+        // the k1 wrapper is the same function
+        let old = kl_penalized_rewards(&score, &lp, &rf, &mask, 0.1).unwrap();
+        close(&flat(&old), &flat(&r.rewards_B_T), 0.0);
+    }
+
+    #[test]
+    fn whiten_rewards_keeps_the_mean_and_zeroes_padding() {
+        // r = [0, 0, 3 | pad]: mean 1, unbiased var 3 → (r − 1)/√3 + 1
+        let lp = t2(&[-1.0; 4], 1, 4);
+        let mask = t2(&[1.0, 1.0, 1.0, 0.0], 1, 4);
+        let score = Tensor::new(&[3.0f64], &Device::Cpu).unwrap();
+        let r = ppo_rewards(&score, &lp, &lp, &mask, 0.05, KlEstimator::K3, true).unwrap();
+        let s = (3.0f64 + 1e-8).sqrt();
+        close(
+            &flat(&r.rewards_B_T),
+            &[1.0 - 1.0 / s, 1.0 - 1.0 / s, 1.0 + 2.0 / s, 0.0],
+            1e-12,
+        );
+    }
+
+    #[test]
+    fn missing_eos_penalty_hits_only_truncated_completions() {
+        let score = Tensor::new(&[1.0f64, 2.0, -3.0], &Device::Cpu).unwrap();
+        let eos = Tensor::new(&[1.0f64, 0.0, 0.0], &Device::Cpu).unwrap();
+        let s = missing_eos_penalty(&score, &eos, 1.5).unwrap();
+        close(&s.to_vec1::<f64>().unwrap(), &[1.0, 0.5, -4.5], 1e-12);
+        let bad = Tensor::new(&[1.0f64, 0.0], &Device::Cpu).unwrap();
+        assert!(missing_eos_penalty(&score, &bad, 1.0).is_err());
+    }
+
+    #[test]
+    fn entropy_is_exact_and_its_gradient_matches_finite_differences() {
+        // row 0: logits (0, ln 3, 0, 0), p = (1, 3, 1, 1)/6; row 1 uniform over 4: ln 4
+        let z = Tensor::from_vec(
+            vec![0.0f64, 3f64.ln(), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            (1, 2, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p: Vec<f64> = {
+            let e = [1.0, 3.0, 1.0, 1.0];
+            let s: f64 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        };
+        let h0 = -p.iter().map(|q| q * q.ln()).sum::<f64>();
+        close(&flat(&token_entropy(&z).unwrap()), &[h0, 4f64.ln()], 1e-12);
+
+        let v = Var::from_tensor(&Tensor::new(&[[[0.3f64, -1.2, 2.0]]], &Device::Cpu).unwrap())
+            .unwrap();
+        let h = token_entropy(v.as_tensor()).unwrap().sum_all().unwrap();
+        let g = flat(h.backward().unwrap().get(v.as_tensor()).unwrap());
+        let base = [0.3f64, -1.2, 2.0];
+        for k in 0..3 {
+            let eval = |d: f64| {
+                let mut x = base;
+                x[k] += d;
+                let t = Tensor::new(&[[x]], &Device::Cpu).unwrap();
+                flat(&token_entropy(&t).unwrap())[0]
+            };
+            let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+            assert!((fd - g[k]).abs() < 1e-6, "d/dz{k}: {} vs {fd}", g[k]);
+        }
+    }
+
+    #[test]
+    fn total_loss_subtracts_the_entropy_bonus() {
+        let pg = Tensor::new(0.5f64, &Device::Cpu).unwrap();
+        let vf = Tensor::new(2.0f64, &Device::Cpu).unwrap();
+        let h = Tensor::new(3.0f64, &Device::Cpu).unwrap();
+        let l = |e| scalar_f64(&ppo_total_loss(&pg, &vf, 0.1, e).unwrap()).unwrap();
+        assert!((l(None) - 0.7).abs() < 1e-12);
+        assert!((l(Some((&h, 0.0))) - 0.7).abs() < 1e-12);
+        assert!((l(Some((&h, 0.01))) - 0.67).abs() < 1e-12);
+    }
 }

@@ -39,6 +39,7 @@
 mod chat;
 mod error;
 mod hh;
+mod ppo_rollouts;
 mod preference;
 mod prompts;
 mod rollouts;
@@ -52,6 +53,7 @@ mod tokenizer_config;
 pub use chat::{render_pair, shared_prefix_len, ChatTemplate, Message};
 pub use error::{DatasetError, Result};
 pub use hh::{split_hh, HhSkip, ASSISTANT_MARKER};
+pub use ppo_rollouts::{ppo_rollout_schema, read_ppo_rollouts, PpoRollout, PpoRolloutWriter};
 pub use preference::{PreferenceFormat, PreferencePair, PreferenceStream};
 pub use prompts::{PromptRecord, PromptStream};
 pub use rollouts::{read_rollouts, rollout_schema, Rollout, RolloutStream, RolloutWriter};

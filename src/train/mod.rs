@@ -15,6 +15,7 @@ pub mod dpo;
 pub mod embedded;
 pub mod grpo;
 pub mod output;
+pub mod ppo;
 pub mod settings;
 pub mod sft;
 

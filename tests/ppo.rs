@@ -1,0 +1,349 @@
+//! `align ppo` end to end on the committed tiny llama and on the embedded default: a short run
+//! with a verifier reward and one with a reward model `rm/` (value model from its backbone and
+//! score head), kill -9 then `--resume` ending bit-identical to an uninterrupted run, and bad
+//! input (empty prompt file, an rm/ that does not fit the policy, a NaN score) failing with
+//! clear errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn align() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_align"))
+}
+
+fn fx(p: &str) -> PathBuf {
+    common::fixtures().join(p)
+}
+
+fn prompts() -> PathBuf {
+    common::root().join("assets/default/prefs-train.parquet")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn align");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "align failed:\n{err}");
+    err
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn align");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "align should have failed:\n{err}");
+    assert!(
+        !err.contains("panicked"),
+        "a panic instead of an error:\n{err}"
+    );
+    err
+}
+
+/// A small run on the tiny llama: 4 rollouts per batch, 2 epochs × 2 mini-batches.
+fn ppo_args(out: &Path, steps: u32) -> Vec<String> {
+    [
+        "ppo",
+        "--model",
+        &fx("models/llama").display().to_string(),
+        "--prompts",
+        &prompts().display().to_string(),
+        "--out",
+        &out.display().to_string(),
+        "--rank",
+        "4",
+        "--prompts-per-step",
+        "4",
+        "--response-length",
+        "8",
+        "--max-prompt-length",
+        "48",
+        "--ppo-epochs",
+        "2",
+        "--num-mini-batches",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn verifier() -> [&'static str; 4] {
+    ["--reward", "char_fraction", "--chars", "etaoin"]
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A merged `LlamaForSequenceClassification` folder from a causal LM folder: its decoder
+/// weights, a `score.weight` [1, hidden] and reward `mean`/`std` in config.json.
+fn make_rm(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let mut w =
+        candle_core::safetensors::load(from.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    w.remove("lm_head.weight");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap()).unwrap();
+    let h = cfg["hidden_size"].as_u64().unwrap() as usize;
+    let score: Vec<f32> = (0..h)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05)
+        .collect();
+    w.insert(
+        "score.weight".into(),
+        candle_core::Tensor::from_vec(score, (1, h), &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&w, to.join("model.safetensors")).unwrap();
+    cfg["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
+    cfg["num_labels"] = serde_json::json!(1);
+    cfg["tie_word_embeddings"] = serde_json::json!(false);
+    cfg["mean"] = serde_json::json!(0.1);
+    cfg["std"] = serde_json::json!(0.5);
+    std::fs::write(
+        to.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn ppo_with_a_verifier_reward_writes_metrics_rollouts_and_both_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run_ok(
+        align()
+            .args(ppo_args(&out, 8))
+            .args(verifier())
+            .args(["--missing-eos-penalty", "0.5"]),
+    );
+    let m = metrics(&out);
+    assert_eq!(m.len(), 8);
+    for k in [
+        "objective/kl",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "objective/scores",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/ratio",
+        "val/num_eos_tokens",
+        "lr",
+        "episode",
+        "gen_tokens_per_s",
+        "train_tokens_per_s",
+    ] {
+        assert!(
+            m.iter().all(|l| l[k].is_number()),
+            "metric {k} missing: {}",
+            m[0]
+        );
+    }
+    // two rollout batches of 4
+    assert_eq!(m[0]["episode"], 4.0);
+    assert_eq!(m[7]["episode"], 8.0);
+    // the first step of a batch is on-policy: ratio 1, no clipping
+    assert!(
+        (m[0]["val/ratio"].as_f64().unwrap() - 1.0).abs() < 1e-4,
+        "{}",
+        m[0]
+    );
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    assert!(out.join("value_adapter/adapter_model.safetensors").exists());
+    assert!(out.join("value_adapter/value_head.safetensors").exists());
+    assert!(out.join("metrics.png").exists());
+    let rows = align_datasets::read_ppo_rollouts(out.join("rollouts.parquet")).unwrap();
+    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.iter().filter(|r| r.step == 0).count(), 4);
+    assert_eq!(rows.iter().filter(|r| r.step == 4).count(), 4);
+    for r in &rows {
+        let n = r.logp.len();
+        assert!(n >= 1 && n <= 8);
+        assert_eq!(
+            (
+                r.values.len(),
+                r.advantages.len(),
+                r.returns.len(),
+                r.ref_logp.len()
+            ),
+            (n, n, n, n)
+        );
+        assert!(
+            r.score <= r.raw_score + 1e-6,
+            "the EOS penalty only lowers scores"
+        );
+    }
+}
+
+#[test]
+fn ppo_from_a_reward_model_scores_with_its_frozen_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let rm = dir.path().join("rm");
+    make_rm(&fx("models/llama"), &rm);
+    let out = dir.path().join("run");
+    let err = run_ok(align().args(ppo_args(&out, 4)).args([
+        "--reward-model",
+        rm.to_str().unwrap(),
+        "--normalize-reward",
+    ]));
+    assert!(err.contains("value model from"), "{err}");
+    let rows = align_datasets::read_ppo_rollouts(out.join("rollouts.parquet")).unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        // normalised with rm/'s mean 0.1 and std 0.5
+        let want = ((r.raw_score as f64 - 0.1) / 0.5).clamp(-10.0, 10.0);
+        assert!(
+            (r.score as f64 - want).abs() < 1e-5,
+            "{} vs {want}",
+            r.score
+        );
+        assert!(r.raw_score != 0.0);
+    }
+    // the value head starts as the score head: the first values are the RM's per-token scores,
+    // not zeros
+    assert!(rows.iter().any(|r| r.values.iter().any(|v| v.abs() > 1e-4)));
+}
+
+#[test]
+fn ppo_with_no_arguments_runs_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("default");
+    let err = run_ok(align().current_dir(dir.path()).args([
+        "ppo",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+    ]));
+    assert!(
+        err.contains("embedded default") && err.contains("char_fraction"),
+        "{err}"
+    );
+    assert_eq!(metrics(&out).len(), 4);
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn killed_ppo_resumes_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 16;
+    let full = dir.path().join("full");
+    run_ok(
+        align()
+            .args(ppo_args(&full, steps))
+            .args(verifier())
+            .args(["--save-every", "4"]),
+    );
+    let killed = dir.path().join("killed");
+    let mut child = align()
+        .args(ppo_args(&killed, steps))
+        .args(verifier())
+        .args(["--save-every", "4"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !killed.join("checkpoint-8").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL on unix
+    child.wait().unwrap();
+    assert!(
+        !killed.join("adapter").exists(),
+        "the run finished before it could be killed"
+    );
+    // the rollout log a checkpoint covers survived the kill and is readable
+    let logged = align_datasets::read_ppo_rollouts(killed.join("rollouts.parquet")).unwrap();
+    assert!(logged.len() >= 8, "{} rows", logged.len());
+    run_ok(align().args(["ppo", "--resume"]).arg(&killed));
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "value_adapter/adapter_model.safetensors",
+        "value_adapter/value_head.safetensors",
+    ] {
+        let a = std::fs::read(full.join(f)).unwrap();
+        let b = std::fs::read(killed.join(f)).unwrap();
+        assert!(
+            a == b,
+            "{f}: resumed run differs from the uninterrupted one"
+        );
+    }
+    let a = align_datasets::read_ppo_rollouts(full.join("rollouts.parquet")).unwrap();
+    let b = align_datasets::read_ppo_rollouts(killed.join("rollouts.parquet")).unwrap();
+    assert_eq!(a, b, "rollout logs differ");
+    let steps_logged: Vec<u64> = metrics(&killed)
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps_logged, (1..=steps as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_input_fails_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // an empty prompt file
+    let empty = dir.path().join("empty.parquet");
+    {
+        use arrow::array::{ArrayRef, RecordBatch, StringArray};
+        let col: ArrayRef = std::sync::Arc::new(StringArray::from(Vec::<&str>::new()));
+        let batch = RecordBatch::try_from_iter([("prompt", col)]).unwrap();
+        let f = std::fs::File::create(&empty).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let mut args = ppo_args(&dir.path().join("e"), 4);
+    let i = args.iter().position(|a| a == "--prompts").unwrap();
+    args[i + 1] = empty.display().to_string();
+    let err = run_err(align().args(&args).args(verifier()));
+    assert!(
+        err.contains("no usable rows") || err.contains("empty"),
+        "{err}"
+    );
+
+    // an rm/ made from another model (vocabulary 2048, hidden 128) than the policy (512, 64)
+    let rm = dir.path().join("rm-other");
+    make_rm(&common::root().join("assets/default/model"), &rm);
+    let err = run_err(
+        align()
+            .args(ppo_args(&dir.path().join("m"), 4))
+            .args(["--reward-model", rm.to_str().unwrap()]),
+    );
+    assert!(
+        err.contains("vocabulary") && err.contains("rm-other"),
+        "{err}"
+    );
+
+    // a verifier answering NaN
+    let err = run_err(
+        align()
+            .args(ppo_args(&dir.path().join("n"), 4))
+            .args(["--reward-command", "while read l; do echo nan; done"]),
+    );
+    assert!(err.to_lowercase().contains("nan"), "{err}");
+
+    // neither a reward model nor a reward
+    let err = run_err(align().args(ppo_args(&dir.path().join("r"), 4)));
+    assert!(err.contains("--reward-model"), "{err}");
+}
