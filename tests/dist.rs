@@ -7,6 +7,8 @@
 //! test prints SKIPPED and passes where there is none. `.ci/run` installs it and runs this file
 //! once more with `--features mpi`.
 
+#![cfg_attr(not(feature = "mpi"), allow(dead_code, unused_imports))]
+
 mod common;
 
 use std::path::{Path, PathBuf};
