@@ -219,7 +219,12 @@ impl Trainer {
             metrics.remove("nonfinite_losses");
             losses.clear();
         }
-        let refs: Vec<&Var> = self.vars.iter().chain(&self.extra).map(|(_, v)| v).collect();
+        let refs: Vec<&Var> = self
+            .vars
+            .iter()
+            .chain(&self.extra)
+            .map(|(_, v)| v)
+            .collect();
         losses.push(clip_grad_norm_tensor(
             &mut grads,
             &refs,

@@ -589,3 +589,59 @@ fn sft_counts_nonfinite_batches_and_plots() {
     assert!(o.ok, "{}", o.err);
     assert!(o.err.contains("non-finite batches skipped"), "{}", o.err);
 }
+
+/// GRPO's rollout log survives kill -9: the file on disk is always a readable parquet file
+/// holding every rollout a checkpoint covers, and the resumed run's log equals the
+/// uninterrupted run's (it used to be reopened without its footer after each checkpoint, so a
+/// killed run lost the whole log).
+#[test]
+fn grpo_rollout_log_survives_kill_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 60;
+    let full = tmp.path().join("full");
+    let o = align(&grpo(&full, steps, &["--save-every", "2"]), 600);
+    assert!(o.ok, "{}", o.err);
+
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_align"))
+        .args(grpo(&killed, steps, &["--save-every", "2"]))
+        .current_dir(common::root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !killed.join("checkpoint-4").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("adapter").exists(),
+        "the run finished before it could be killed"
+    );
+    let log = killed.join("rollouts.parquet");
+    let rows = align_datasets::read_rollouts(&log)
+        .unwrap_or_else(|e| panic!("the killed run's rollout log is unreadable: {e}"));
+    let covered = rows.iter().map(|r| r.step).max().unwrap_or(-1);
+    assert!(
+        covered >= 3,
+        "rollouts of checkpointed steps are missing (up to step {covered})"
+    );
+
+    let o = align(&strs(&["grpo", "--resume", &p(&killed)]), 600);
+    assert!(o.ok, "{}", o.err);
+    let key = |rs: Vec<align_datasets::Rollout>| -> Vec<(i64, String, String)> {
+        rs.into_iter()
+            .map(|r| (r.step, r.prompt, r.completion))
+            .collect()
+    };
+    let a = key(align_datasets::read_rollouts(full.join("rollouts.parquet")).unwrap());
+    let b = key(align_datasets::read_rollouts(&log).unwrap());
+    assert_eq!(a.len(), b.len(), "rollout rows");
+    assert_eq!(a, b, "the resumed log differs from the uninterrupted run's");
+}
