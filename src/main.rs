@@ -27,6 +27,8 @@ enum Command {
     Sft(Box<commands::sft::Args>),
     /// Group Relative Policy Optimisation with verifiable or model rewards.
     Grpo(Box<commands::grpo::Args>),
+    /// Train a reward model (decoder + score head, Bradley-Terry loss) on preference pairs; writes a *ForSequenceClassification folder.
+    Rm(Box<commands::rm::Args>),
     /// Sample completions for a prompt set.
     Generate(commands::generate::Args),
     /// Per-pair log-probabilities of chosen and rejected completions, as JSON lines.
@@ -67,6 +69,7 @@ fn main() {
         Command::Dpo(a) => commands::dpo::run(*a),
         Command::Sft(a) => commands::sft::run(*a),
         Command::Grpo(a) => commands::grpo::run(*a),
+        Command::Rm(a) => commands::rm::run(*a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Merge(a) => commands::merge::run(a),

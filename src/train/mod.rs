@@ -15,6 +15,7 @@ pub mod dpo;
 pub mod embedded;
 pub mod grpo;
 pub mod output;
+pub mod rm;
 pub mod settings;
 pub mod sft;
 
