@@ -29,6 +29,8 @@ enum Command {
     Grpo(Box<commands::grpo::Args>),
     /// PPO with a value model (RLHF): rewards from a reward model or a verifier.
     Ppo(Box<commands::ppo::Args>),
+    /// Train a reward model (decoder + score head, Bradley-Terry loss) on preference pairs; writes a *ForSequenceClassification folder.
+    Rm(Box<commands::rm::Args>),
     /// Sample completions for a prompt set.
     Generate(commands::generate::Args),
     /// Per-pair log-probabilities of chosen and rejected completions, as JSON lines.
@@ -84,6 +86,7 @@ fn main() {
         Command::Sft(a) => commands::sft::run(*a),
         Command::Grpo(a) => commands::grpo::run(*a),
         Command::Ppo(a) => commands::ppo::run(*a),
+        Command::Rm(a) => commands::rm::run(*a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Merge(a) => commands::merge::run(a),

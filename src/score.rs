@@ -28,8 +28,8 @@ use std::path::Path;
 /// The head's tensor name in a `*ForSequenceClassification` checkpoint.
 pub const HEAD: &str = "score.weight";
 
-/// A fresh head `[1, hidden]`: N(0, std = 1/sqrt(hidden + 1)) from `seed` (OpenRLHF's
-/// reward/value head init; transformers would use `initializer_range`).
+/// A fresh head `[1, hidden]`: N(0, std = 1/sqrt(hidden + 1)) from `seed` (transformers would
+/// use std `initializer_range`).
 pub fn fresh_head(hidden: usize, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
     let std = 1.0 / ((hidden + 1) as f64).sqrt();
     let normal =

@@ -4,14 +4,14 @@
 use crate::chat::{render_pair, ChatTemplate, Message};
 use crate::error::{DatasetError, Result};
 use crate::hh::split_hh;
-use crate::schema::{messages_at, require, text_at, ColumnKind};
+use crate::schema::{column_kind, messages_at, number_at, require, text_at, ColumnKind};
 use crate::skip::{SkipReason, SkipStats};
 use crate::source::{RowId, Source};
 use crate::stream::{load_metas, Cursor, Engine, FileMeta, StreamOptions};
 use arrow::array::RecordBatch;
 
 /// One preference pair, as text. `prompt + chosen` is the full chosen sequence.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreferencePair {
     /// The prompt (for chat data: rendered with the generation prompt).
     pub prompt: String,
@@ -21,6 +21,32 @@ pub struct PreferencePair {
     pub rejected: String,
     /// Where it came from.
     pub source_row: RowId,
+    /// The row's `margin` (how much more chosen is preferred; TRL's reward-model column), when
+    /// the data has that numeric column.
+    pub margin: Option<f64>,
+}
+
+/// The optional numeric column of a preference pair's margin.
+pub const MARGIN_COLUMN: &str = "margin";
+
+/// The margin column of one file: `Some("margin")` when present and numeric, an error naming
+/// the file when present with another type.
+fn detect_margin(fm: &FileMeta) -> Result<Option<String>> {
+    let schema = fm.schema();
+    let Ok(i) = schema.index_of(MARGIN_COLUMN) else {
+        return Ok(None);
+    };
+    let dt = schema.field(i).data_type();
+    if column_kind(dt) != ColumnKind::Scalar || *dt == arrow::datatypes::DataType::Boolean {
+        return Err(DatasetError::MistypedColumn {
+            path: fm.path.clone(),
+            column: MARGIN_COLUMN.into(),
+            found: dt.to_string(),
+            expected: "a number (integer or float) per row".into(),
+            columns: fm.column_names(),
+        });
+    }
+    Ok(Some(MARGIN_COLUMN.into()))
 }
 
 /// Which layout a preference source has.
@@ -140,6 +166,8 @@ pub struct PreferenceStream {
     format: PreferenceFormat,
     template: Option<ChatTemplate>,
     skips: SkipStats,
+    /// The `margin` column, when the files have it.
+    margin: Option<String>,
 }
 
 impl PreferenceStream {
@@ -165,6 +193,18 @@ impl PreferenceStream {
                 )));
             }
         }
+        let margin = detect_margin(first)?;
+        for fm in &metas[1..] {
+            if detect_margin(fm)? != margin {
+                return Err(DatasetError::Invalid(format!(
+                    "{}: {} a `{MARGIN_COLUMN}` column but {} {}",
+                    fm.path.display(),
+                    if margin.is_some() { "lacks" } else { "has" },
+                    first.path.display(),
+                    if margin.is_some() { "has one" } else { "does not" },
+                )));
+            }
+        }
         if let PreferenceFormat::Conversational { chosen, .. } = &format {
             if chat_template.is_none() {
                 return Err(DatasetError::NeedsChatTemplate {
@@ -173,12 +213,15 @@ impl PreferenceStream {
                 });
             }
         }
-        let engine = Engine::new(metas, &format.columns(), opts)?;
+        let mut columns = format.columns();
+        columns.extend(margin.iter().cloned());
+        let engine = Engine::new(metas, &columns, opts)?;
         Ok(PreferenceStream {
             engine,
             format,
             template: chat_template.cloned(),
             skips: SkipStats::default(),
+            margin,
         })
     }
 
@@ -312,6 +355,22 @@ impl Iterator for PreferenceStream {
             skips.rows_seen += 1;
             let p =
                 parse(&self.format, self.template.as_ref(), r.batch, r.row).unwrap_or_else(|e| e);
+            let margin = match (&self.margin, &p) {
+                (Some(col), Parsed::Pair(..)) => match number_at(r.batch, col, r.row) {
+                    Some(v) if v.is_finite() => Some(v),
+                    Some(v) => {
+                        return Some(Err(DatasetError::Invalid(format!(
+                            "{}: `{col}` is {v}, not a finite number",
+                            r.id
+                        ))))
+                    }
+                    None => {
+                        skips.record(SkipReason::NullField, &r.id, col.clone());
+                        continue;
+                    }
+                },
+                _ => None,
+            };
             match p {
                 Parsed::Pair(prompt, chosen, rejected) => {
                     let pair = PreferencePair {
@@ -319,6 +378,7 @@ impl Iterator for PreferenceStream {
                         chosen,
                         rejected,
                         source_row: r.id,
+                        margin,
                     };
                     self.engine.yielded();
                     return Some(Ok(pair));

@@ -175,6 +175,29 @@ pub(crate) fn messages_at(
     Some(Ok(out))
 }
 
+/// A numeric cell as f64 (`None` for null or a non-numeric column).
+pub(crate) fn number_at(batch: &RecordBatch, column: &str, row: usize) -> Option<f64> {
+    use arrow::datatypes::*;
+    let col = batch.column_by_name(column)?;
+    if row >= col.len() || col.is_null(row) {
+        return None;
+    }
+    Some(match col.data_type() {
+        DataType::Int8 => col.as_primitive::<Int8Type>().value(row) as f64,
+        DataType::Int16 => col.as_primitive::<Int16Type>().value(row) as f64,
+        DataType::Int32 => col.as_primitive::<Int32Type>().value(row) as f64,
+        DataType::Int64 => col.as_primitive::<Int64Type>().value(row) as f64,
+        DataType::UInt8 => col.as_primitive::<UInt8Type>().value(row) as f64,
+        DataType::UInt16 => col.as_primitive::<UInt16Type>().value(row) as f64,
+        DataType::UInt32 => col.as_primitive::<UInt32Type>().value(row) as f64,
+        DataType::UInt64 => col.as_primitive::<UInt64Type>().value(row) as f64,
+        DataType::Float16 => col.as_primitive::<Float16Type>().value(row).to_f64(),
+        DataType::Float32 => col.as_primitive::<Float32Type>().value(row) as f64,
+        DataType::Float64 => col.as_primitive::<Float64Type>().value(row),
+        _ => return None,
+    })
+}
+
 /// A scalar or text cell rendered as a string (`None` for null).
 pub(crate) fn scalar_string_at(batch: &RecordBatch, column: &str, row: usize) -> Option<String> {
     use arrow::datatypes::*;

@@ -178,6 +178,7 @@ fn tokenize_pair_matches_python_reference() {
                 file: "x".into(),
                 row: 0,
             },
+            margin: None,
         };
         let opts = TruncationOptions {
             max_prompt_length: c["max_prompt_length"].as_u64().map(|x| x as usize),
@@ -215,6 +216,7 @@ fn truncation_edge_cases_and_sft() {
             file: "f.parquet".into(),
             row: 7,
         },
+        margin: None,
     };
     let mut st = TruncationStats::default();
     let err = bundle

@@ -614,7 +614,7 @@ fn score_dpo_run(
     let mut out = Vec::new();
     while out.len() < args.max_items {
         let want = args.batch_size.min(args.max_items - out.len());
-        let Some(PairBatch { pairs, rows }) =
+        let Some(PairBatch { pairs, rows, .. }) =
             next_batch(&mut stream, &tok, trunc, &mut stats, want, u64::MAX)?
         else {
             break;

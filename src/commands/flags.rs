@@ -31,7 +31,7 @@ pub fn finite(s: &str) -> Result<f64, String> {
 /// Model, output folder, config file, resume.
 #[derive(clap::Args, Debug, Serialize)]
 pub struct RunFlags {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json) [default: dpo and sft use the embedded demo model; grpo needs one].
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json) [default: dpo, sft and rm use the embedded demo model; grpo needs one].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Output folder [default: runs/<command>; when that folder already holds a run and --out is not given, the next free runs/<command>-N].
@@ -90,7 +90,7 @@ pub struct LoraFlags {
 /// AdamW and the learning-rate schedule.
 #[derive(clap::Args, Debug, Serialize)]
 pub struct OptimFlags {
-    /// Learning rate, > 0 [default: dpo and grpo 1e-6 with --full, 1e-5 (10x) with LoRA; sft 2e-5 with --full, 2e-4 with LoRA].
+    /// Learning rate, > 0 [default: dpo and grpo 1e-6 with --full, 1e-5 (10x) with LoRA; sft 2e-5 with --full, 2e-4 with LoRA; rm 1e-5 with --full, 1e-4 with LoRA (TRL's RewardConfig)].
     #[arg(long, value_parser = finite)]
     pub lr: Option<f64>,
     /// Learning-rate schedule: constant, linear, cosine [default: linear; cosine for sft].
@@ -110,7 +110,7 @@ pub struct OptimFlags {
 /// The shared run loop.
 #[derive(clap::Args, Debug, Serialize)]
 pub struct LoopFlags {
-    /// Optimizer steps, at least 1 [default: dpo and sft: --epochs passes over the data; grpo: 100].
+    /// Optimizer steps, at least 1 [default: dpo, sft and rm: --epochs passes over the data; grpo: 100].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Seed for data order, sampling and adapter initialisation [default: 42].
@@ -128,7 +128,7 @@ pub struct LoopFlags {
     /// Keep at most N checkpoints; 0 keeps all [default: 2].
     #[arg(long)]
     pub save_total_limit: Option<usize>,
-    /// Held-out data for evaluation (`eval_*` metrics): preference pairs for dpo, the training layout for sft, prompts for grpo [default: none; with dpo's and sft's embedded data, assets/default/prefs-eval.parquet].
+    /// Held-out data for evaluation (`eval_*` metrics): preference pairs for dpo and rm, the training layout for sft, prompts for grpo [default: none; with dpo's, sft's and rm's embedded data, assets/default/prefs-eval.parquet].
     #[arg(long, num_args = 1..)]
     pub eval_data: Option<Vec<PathBuf>>,
     /// Evaluate on --eval-data every N steps; 0 = only at the end [default: 0].

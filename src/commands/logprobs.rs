@@ -63,7 +63,7 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
     );
     let mut n = 0usize;
-    while let Some(PairBatch { pairs, rows }) = next_batch(
+    while let Some(PairBatch { pairs, rows, .. }) = next_batch(
         &mut stream,
         &tok,
         &trunc,

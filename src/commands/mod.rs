@@ -1,5 +1,5 @@
 //! One module per subcommand: its flags (`Args`) and its `run`. The training commands
-//! (dpo, sft, grpo, ppo) only turn flags into settings and hand them to [`crate::train`]; their
+//! (dpo, sft, grpo, ppo, rm) only turn flags into settings and hand them to [`crate::train`]; their
 //! flag groups are defined once in [`flags`].
 
 pub mod bench;
@@ -14,6 +14,7 @@ pub mod init;
 pub mod logprobs;
 pub mod merge;
 pub mod ppo;
+pub mod rm;
 pub mod sft;
 pub mod sweep;
 pub mod tokenizer;

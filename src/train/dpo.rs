@@ -151,6 +151,8 @@ fn row_key(r: &align_datasets::RowId) -> String {
 pub struct PairBatch {
     pub pairs: Vec<TokenizedPair>,
     pub rows: Vec<align_datasets::RowId>,
+    /// Each pair's `margin` column value (reward modelling), when the data has one.
+    pub margins: Vec<Option<f64>>,
 }
 
 /// Pull up to `n` pairs from the stream, tokenized as TRL does; pairs whose prompt leaves no
@@ -168,6 +170,7 @@ pub fn next_batch(
     let mut b = PairBatch {
         pairs: Vec::with_capacity(n),
         rows: Vec::with_capacity(n),
+        margins: Vec::with_capacity(n),
     };
     let mut dropped = 0u64;
     while b.pairs.len() < n.max(1) {
@@ -176,6 +179,7 @@ pub fn next_batch(
         match tok.tokenize_pair(&pair, trunc, stats) {
             Ok(t) => {
                 dropped = 0;
+                b.margins.push(pair.margin);
                 b.rows.push(pair.source_row);
                 b.pairs.push(t);
             }

@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod grpo;
 pub mod output;
 pub mod ppo;
+pub mod rm;
 pub mod settings;
 pub mod sft;
 
