@@ -46,12 +46,20 @@ fn f64s(v: &Value) -> Vec<f64> {
 fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y} (tol {tol})\n{a:?}\n{b:?}");
+        assert!(
+            (x - y).abs() <= tol,
+            "{what}[{i}]: {x} vs {y} (tol {tol})\n{a:?}\n{b:?}"
+        );
     }
 }
 
 fn vec_t(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -59,12 +67,7 @@ fn loss_and_gradients_match_trl_formula() {
     let fxj = json(&fx("rm/loss.json"));
     let dev = Device::Cpu;
     let rows = |k: &str| -> Tensor {
-        let v: Vec<Vec<f64>> = fxj[k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(f64s)
-            .collect();
+        let v: Vec<Vec<f64>> = fxj[k].as_array().unwrap().iter().map(f64s).collect();
         Tensor::new(v, &dev).unwrap()
     };
     let (hc, hr) = (rows("hidden_chosen"), rows("hidden_rejected"));
@@ -79,17 +82,30 @@ fn loss_and_gradients_match_trl_formula() {
         // w.r.t. the rewards
         let w = w0.reshape((1, w0.dims()[0])).unwrap();
         let hidden = |h: &Tensor| h.unsqueeze(1).unwrap();
-        let rc = Var::from_tensor(&score::scores_at(&hidden(&hc), &vec![0; b], &w).unwrap())
-            .unwrap();
-        let rr = Var::from_tensor(&score::scores_at(&hidden(&hr), &vec![0; b], &w).unwrap())
-            .unwrap();
+        let rc =
+            Var::from_tensor(&score::scores_at(&hidden(&hc), &vec![0; b], &w).unwrap()).unwrap();
+        let rr =
+            Var::from_tensor(&score::scores_at(&hidden(&hr), &vec![0; b], &w).unwrap()).unwrap();
         let (loss, m) =
             reward_model_loss(rc.as_tensor(), rr.as_tensor(), margin.as_ref(), coef).unwrap();
         let g = loss.backward().unwrap();
         let l = loss.to_scalar::<f64>().unwrap();
-        assert!((l - case["loss"].as_f64().unwrap()).abs() < 1e-12, "{name}: loss {l}");
-        close(&vec_t(g.get(rc.as_tensor()).unwrap()), &f64s(&case["grad_chosen"]), 1e-12, name);
-        close(&vec_t(g.get(rr.as_tensor()).unwrap()), &f64s(&case["grad_rejected"]), 1e-12, name);
+        assert!(
+            (l - case["loss"].as_f64().unwrap()).abs() < 1e-12,
+            "{name}: loss {l}"
+        );
+        close(
+            &vec_t(g.get(rc.as_tensor()).unwrap()),
+            &f64s(&case["grad_chosen"]),
+            1e-12,
+            name,
+        );
+        close(
+            &vec_t(g.get(rr.as_tensor()).unwrap()),
+            &f64s(&case["grad_rejected"]),
+            1e-12,
+            name,
+        );
         assert!((m.accuracy as f64 - case["accuracy"].as_f64().unwrap()).abs() < 1e-6);
         assert!((m.margin as f64 - case["margin_metric"].as_f64().unwrap()).abs() < 1e-5);
         // w.r.t. the head, through the scores the trainer uses
@@ -98,7 +114,12 @@ fn loss_and_gradients_match_trl_formula() {
         let rr = score::scores_at(&hidden(&hr), &vec![0; b], head.as_tensor()).unwrap();
         let (loss, _) = reward_model_loss(&rc, &rr, margin.as_ref(), coef).unwrap();
         let g = loss.backward().unwrap();
-        close(&vec_t(g.get(head.as_tensor()).unwrap()), &f64s(&case["grad_head"]), 1e-12, name);
+        close(
+            &vec_t(g.get(head.as_tensor()).unwrap()),
+            &f64s(&case["grad_head"]),
+            1e-12,
+            name,
+        );
     }
 }
 
@@ -138,7 +159,13 @@ fn rm_folder_matches_transformers_and_adapter_matches_peft_fixture() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect();
     let want = f64s(&exp["transformers_scores"]);
     // rm/ as align wrote it, scored by align
@@ -148,21 +175,35 @@ fn rm_folder_matches_transformers_and_adapter_matches_peft_fixture() {
     close(&got, &want, 1e-3, "rm/ scores vs transformers");
     // ... and by GRPO's reward-model reader
     let r = align::rewards::RewardModel::load(&rm, DType::F32, &Device::Cpu).unwrap();
-    let got: Vec<f64> = r.scores(&seqs).unwrap().iter().map(|s| s[0] as f64).collect();
+    let got: Vec<f64> = r
+        .scores(&seqs)
+        .unwrap()
+        .iter()
+        .map(|s| s[0] as f64)
+        .collect();
     close(&got, &want, 1e-3, "RewardModel scores vs transformers");
     // config: what transformers needs, and the reward statistics
     let cfg = json(&rm.join("config.json"));
     assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
-    assert_eq!((cfg["num_labels"].as_u64(), cfg["pad_token_id"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (cfg["num_labels"].as_u64(), cfg["pad_token_id"].as_u64()),
+        (Some(1), Some(0))
+    );
     for k in ["mean", "std"] {
-        let (a, b) = (cfg[k].as_f64().unwrap(), exp[format!("rm_{k}")].as_f64().unwrap());
+        let (a, b) = (
+            cfg[k].as_f64().unwrap(),
+            exp[format!("rm_{k}")].as_f64().unwrap(),
+        );
         assert!((a - b).abs() < 1e-3, "{k}: {a} vs {b}");
     }
     assert!(rm.join("tokenizer.json").exists());
     // the adapter: the layout PEFT loaded in the generator, the same values
     let ac = json(&out.join("adapter/adapter_config.json"));
     assert_eq!(ac["task_type"], "SEQ_CLS");
-    assert_eq!(ac["modules_to_save"], serde_json::json!(["classifier", "score"]));
+    assert_eq!(
+        ac["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
     let mine =
         candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
@@ -179,7 +220,12 @@ fn rm_folder_matches_transformers_and_adapter_matches_peft_fixture() {
         close(&vec_t(t), &vec_t(&theirs[k]), 1e-5, k);
     }
     // the PEFT-loaded adapter scored as the merged folder does (checked by the generator)
-    close(&f64s(&exp["peft_scores"]), &want, 1e-4, "PEFT vs transformers");
+    close(
+        &f64s(&exp["peft_scores"]),
+        &want,
+        1e-4,
+        "PEFT vs transformers",
+    );
     // metrics with TRL's names, plot, checkpoints absent (save_every 0)
     let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -187,8 +233,20 @@ fn rm_folder_matches_transformers_and_adapter_matches_peft_fixture() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 4);
-    for k in ["loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward", "grad_norm"] {
-        assert!(lines[0].get(k).and_then(Value::as_f64).is_some(), "metric {k}: {}", lines[0]);
+    for k in [
+        "loss",
+        "accuracy",
+        "margin",
+        "min_reward",
+        "mean_reward",
+        "max_reward",
+        "grad_norm",
+    ] {
+        assert!(
+            lines[0].get(k).and_then(Value::as_f64).is_some(),
+            "metric {k}: {}",
+            lines[0]
+        );
     }
     assert!(out.join("metrics.png").exists());
 }
@@ -202,8 +260,18 @@ fn small_run(out: &Path, extra: &[&str]) -> Command {
         .arg("--out")
         .arg(out)
         .args([
-            "--rank", "2", "--batch-size", "2", "--max-length", "64", "--max-prompt-length",
-            "32", "--lr", "5e-3", "--seed", "5",
+            "--rank",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "64",
+            "--max-prompt-length",
+            "32",
+            "--lr",
+            "5e-3",
+            "--seed",
+            "5",
         ])
         .args(extra);
     c
@@ -224,7 +292,10 @@ fn killed_rm_run_resumes_to_the_same_outputs() {
         .unwrap();
     let t0 = Instant::now();
     while !killed.join("checkpoint-4").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL on unix
@@ -239,7 +310,10 @@ fn killed_rm_run_resumes_to_the_same_outputs() {
     for f in ["adapter/adapter_model.safetensors", "rm/model.safetensors"] {
         let a = std::fs::read(full.join(f)).unwrap();
         let b = std::fs::read(killed.join(f)).unwrap();
-        assert!(a == b, "{f}: resumed run differs from the uninterrupted one");
+        assert!(
+            a == b,
+            "{f}: resumed run differs from the uninterrupted one"
+        );
     }
     let steps_logged: Vec<u64> = std::fs::read_to_string(killed.join("metrics.jsonl"))
         .unwrap()
@@ -261,7 +335,10 @@ fn write_pairs(path: &Path, margin: Option<arrow::array::ArrayRef>) {
         ))
     };
     let mut cols = vec![
-        ("prompt".to_string(), col("\n\nHuman: question\n\nAssistant:")),
+        (
+            "prompt".to_string(),
+            col("\n\nHuman: question\n\nAssistant:"),
+        ),
         ("chosen".to_string(), col(" a good answer")),
         ("rejected".to_string(), col(" a bad reply")),
     ];
@@ -281,16 +358,20 @@ fn margin_column_is_read_and_bad_input_is_refused() {
     use std::sync::Arc;
     let tmp = tempfile::tempdir().unwrap();
     let src = |p: &Path| align_datasets::Source::from_file(p);
-    let open = |p: &Path| {
-        align_datasets::PreferenceStream::open(&src(p), Default::default(), None)
-    };
+    let open = |p: &Path| align_datasets::PreferenceStream::open(&src(p), Default::default(), None);
     // a float margin is carried with each pair; an integer one too
     let good = tmp.path().join("good.parquet");
-    write_pairs(&good, Some(Arc::new(Float64Array::from(vec![0.5, 1.0, 2.5])) as ArrayRef));
+    write_pairs(
+        &good,
+        Some(Arc::new(Float64Array::from(vec![0.5, 1.0, 2.5])) as ArrayRef),
+    );
     let m: Vec<Option<f64>> = open(&good).unwrap().map(|p| p.unwrap().margin).collect();
     assert_eq!(m, [Some(0.5), Some(1.0), Some(2.5)]);
     let ints = tmp.path().join("ints.parquet");
-    write_pairs(&ints, Some(Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef));
+    write_pairs(
+        &ints,
+        Some(Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+    );
     let m: Vec<Option<f64>> = open(&ints).unwrap().map(|p| p.unwrap().margin).collect();
     assert_eq!(m, [Some(1.0), Some(2.0), Some(3.0)]);
     let none = tmp.path().join("none.parquet");
@@ -298,7 +379,10 @@ fn margin_column_is_read_and_bad_input_is_refused() {
     assert!(open(&none).unwrap().all(|p| p.unwrap().margin.is_none()));
     // a margin column of strings: an error naming the file and the column, from the command
     let strings = tmp.path().join("strings.parquet");
-    write_pairs(&strings, Some(Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef));
+    write_pairs(
+        &strings,
+        Some(Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef),
+    );
     let o = align()
         .args(["rm", "--model"])
         .arg(fx("models/llama"))
@@ -316,7 +400,10 @@ fn margin_column_is_read_and_bad_input_is_refused() {
     );
     // a NaN margin: an error naming the row
     let nan = tmp.path().join("nan.parquet");
-    write_pairs(&nan, Some(Arc::new(Float64Array::from(vec![0.5, f64::NAN, 1.0])) as ArrayRef));
+    write_pairs(
+        &nan,
+        Some(Arc::new(Float64Array::from(vec![0.5, f64::NAN, 1.0])) as ArrayRef),
+    );
     let e = open(&nan)
         .unwrap()
         .find_map(|p| p.err())
@@ -326,9 +413,15 @@ fn margin_column_is_read_and_bad_input_is_refused() {
     // the margin enters the loss: a large margin raises it
     let (a, b) = (tmp.path().join("m0"), tmp.path().join("m1"));
     let zero = tmp.path().join("zero.parquet");
-    write_pairs(&zero, Some(Arc::new(Float64Array::from(vec![0.0; 3])) as ArrayRef));
+    write_pairs(
+        &zero,
+        Some(Arc::new(Float64Array::from(vec![0.0; 3])) as ArrayRef),
+    );
     let big = tmp.path().join("big.parquet");
-    write_pairs(&big, Some(Arc::new(Float64Array::from(vec![5.0; 3])) as ArrayRef));
+    write_pairs(
+        &big,
+        Some(Arc::new(Float64Array::from(vec![5.0; 3])) as ArrayRef),
+    );
     let first_loss = |out: &Path, data: &Path| -> f64 {
         run_ok(
             align()
@@ -338,7 +431,15 @@ fn margin_column_is_read_and_bad_input_is_refused() {
                 .arg(data)
                 .arg("--out")
                 .arg(out)
-                .args(["--steps", "1", "--batch-size", "3", "--rank", "2", "--no-shuffle"]),
+                .args([
+                    "--steps",
+                    "1",
+                    "--batch-size",
+                    "3",
+                    "--rank",
+                    "2",
+                    "--no-shuffle",
+                ]),
         );
         let l = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         serde_json::from_str::<Value>(l.lines().next().unwrap()).unwrap()["loss"]
@@ -386,5 +487,8 @@ fn mismatched_head_in_a_reward_model_folder_is_a_clear_error() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("score.weight") && !err.contains("panicked"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("score.weight") && !err.contains("panicked"),
+        "{err}"
+    );
 }

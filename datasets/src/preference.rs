@@ -201,7 +201,11 @@ impl PreferenceStream {
                     fm.path.display(),
                     if margin.is_some() { "lacks" } else { "has" },
                     first.path.display(),
-                    if margin.is_some() { "has one" } else { "does not" },
+                    if margin.is_some() {
+                        "has one"
+                    } else {
+                        "does not"
+                    },
                 )));
             }
         }

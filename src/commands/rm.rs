@@ -94,7 +94,10 @@ mod tests {
     fn defaults_are_trl_reward_config() {
         let s = settings(&[]);
         assert_eq!(s.run.out, PathBuf::from("runs/rm"));
-        assert_eq!((s.lora.rank, s.lora.lora_dropout, s.center_rewards_coef), (8, 0.0, 0.0));
+        assert_eq!(
+            (s.lora.rank, s.lora.lora_dropout, s.center_rewards_coef),
+            (8, 0.0, 0.0)
+        );
         assert_eq!(s.optim.lr, None);
         assert_eq!((LORA_LR, FULL_LR), (1e-4, 1e-5));
         // the embedded default fills model and data

@@ -57,7 +57,7 @@
 use super::settings::{self, AlgoSettings, LoopSettings, LoraSettings, OptimSettings, RunSettings};
 use super::{Algorithm, Setup};
 use crate::bail;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::generate::{encode_prompt, eos_ids, generate_chunked, SamplingConfig};
 use crate::lora::Fwd;
 use crate::models::transformer::next_token_logps;
@@ -68,8 +68,8 @@ use align_algorithms::grpo::{
     group_advantages, grpo_loss, GrpoConfig, GrpoInputs, GrpoLossType, ScaleRewards,
 };
 use align_datasets::{
-    read_rollouts, Cursor, PromptRecord, PromptStream, Rollout, RolloutWriter, Source,
-    StreamOptions, TokenizerBundle,
+    read_rollouts, Cursor, PromptRecord, PromptStream, Rollout, Source, StreamOptions,
+    TokenizerBundle,
 };
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -315,7 +315,11 @@ impl Algorithm for Grpo {
             // rank 0 of a data-parallel job writes the log (every rank samples the same rollouts)
             let writer = crate::dist::is_main()
                 .then(|| {
-                    RolloutLog::open(&ctx.out, resume_step.unwrap_or(0), resume_step.is_some())
+                    super::output::RolloutLog::open(
+                        &ctx.out,
+                        resume_step.unwrap_or(0),
+                        resume_step.is_some(),
+                    )
                 })
                 .transpose()?;
             online = Some(Online {
@@ -862,7 +866,7 @@ struct Online {
     tok: TokenizerBundle,
     reward: Box<dyn RewardFn>,
     sampling: SamplingConfig,
-    writer: Option<RolloutLog>,
+    writer: Option<super::output::RolloutLog<Rollout>>,
 }
 
 struct Offline {
@@ -870,80 +874,6 @@ struct Offline {
     groups: Vec<Vec<Rollout>>,
     pos: usize,
     tok: TokenizerBundle,
-}
-
-/// `OUT/rollouts.parquet`: the rows a checkpoint covers are in the file, which is only ever
-/// replaced whole (written to a temporary file and renamed), so a kill at any moment leaves a
-/// readable log; rows of steps after the last checkpoint wait in memory and are sampled again,
-/// identically, on resume. (A parquet file cannot be appended to: the old scheme kept the file
-/// open without its footer between checkpoints, and a killed run lost the whole log.)
-struct RolloutLog {
-    path: PathBuf,
-    pending: Vec<Rollout>,
-}
-
-impl RolloutLog {
-    /// A fresh log (an empty file), or when resuming the rows of steps before `keep_until`.
-    fn open(out: &Path, keep_until: u64, resume: bool) -> Result<Self> {
-        let path = out.join("rollouts.parquet");
-        let mut old = Vec::new();
-        if resume && path.exists() {
-            match read_rollouts(&path) {
-                Ok(rows) => {
-                    old = rows
-                        .into_iter()
-                        .filter(|r| r.step < keep_until as i64)
-                        .collect()
-                }
-                Err(e) => eprintln!(
-                    "warning: {} is unreadable ({e}); starting a new rollout log",
-                    path.display()
-                ),
-            }
-        }
-        let log = RolloutLog {
-            path,
-            pending: Vec::new(),
-        };
-        log.write_file(&old)?;
-        Ok(log)
-    }
-
-    fn append(&mut self, rows: Vec<Rollout>) {
-        self.pending.extend(rows);
-    }
-
-    /// Move the pending rows of steps before `until` into the file.
-    fn commit(&mut self, until: u64) -> Result<()> {
-        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|r| (r.step as u64) < until);
-        self.pending = later;
-        if now.is_empty() && self.path.exists() {
-            return Ok(());
-        }
-        // absent: nothing committed yet (`--overwrite` clears the run files after setup)
-        let mut rows = if self.path.exists() {
-            read_rollouts(&self.path)
-                .with_context(|| format!("reading the rollout log {}", self.path.display()))?
-        } else {
-            Vec::new()
-        };
-        rows.extend(now);
-        self.write_file(&rows)
-    }
-
-    fn write_file(&self, rows: &[Rollout]) -> Result<()> {
-        let tmp = self.path.with_file_name(".rollouts.parquet.tmp");
-        let mut w =
-            RolloutWriter::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        if !rows.is_empty() {
-            w.write(rows)?;
-        }
-        w.finish()?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(())
-    }
 }
 
 fn next_online_batch(

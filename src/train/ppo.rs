@@ -76,10 +76,7 @@ use align_algorithms::ppo::{
     gae, missing_eos_penalty, ppo_policy_loss, ppo_rewards, ppo_total_loss, ppo_value_loss,
     token_entropy, KlController, KlEstimator,
 };
-use align_datasets::{
-    read_ppo_rollouts, Cursor, PpoRollout, PpoRolloutWriter, PromptStream, Source, StreamOptions,
-    TokenizerBundle,
-};
+use align_datasets::{Cursor, PpoRollout, PromptStream, Source, StreamOptions, TokenizerBundle};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -742,7 +739,7 @@ pub struct Ppo {
     /// `None`: score with the reward model inside the value model.
     reward: Option<Box<dyn RewardFn>>,
     sampling: SamplingConfig,
-    log: RolloutLog,
+    log: super::output::RolloutLog<PpoRollout>,
     kl: KlController,
     episode: u64,
     steps: u64,
@@ -1047,7 +1044,7 @@ impl Algorithm for Ppo {
             None => PromptStream::open(&src, opts, tok.chat_template.as_ref())?,
         };
         let resume_step = ctx.resume.as_ref().map(|(_, st)| *st).unwrap_or(0);
-        let log = RolloutLog::open(&ctx.out, resume_step, ctx.resume.is_some())?;
+        let log = super::output::RolloutLog::open(&ctx.out, resume_step, ctx.resume.is_some())?;
         let kl = match &saved {
             Some(st) => st.kl.clone(),
             None => match s.kl_target {
@@ -1248,69 +1245,5 @@ impl Algorithm for Ppo {
             self.s.run.out.join("rollouts.parquet").display()
         ));
         v
-    }
-}
-
-/// `OUT/rollouts.parquet`: rows a checkpoint covers are in the file, which is only ever
-/// replaced whole (written to a temporary file and renamed), so a kill at any moment leaves
-/// a readable file; rows of rollout batches after the last checkpoint wait in memory and are
-/// regenerated identically on resume.
-struct RolloutLog {
-    path: PathBuf,
-    pending: Vec<PpoRollout>,
-}
-
-impl RolloutLog {
-    /// A fresh log (empty file), or when resuming the rows of steps before `keep_until`.
-    fn open(out: &Path, keep_until: u64, resume: bool) -> Result<Self> {
-        let path = out.join("rollouts.parquet");
-        let mut old = Vec::new();
-        if resume && path.exists() {
-            old = read_ppo_rollouts(&path)
-                .with_context(|| format!("reading the rollout log {}", path.display()))?
-                .into_iter()
-                .filter(|r| (r.step as u64) < keep_until)
-                .collect();
-        }
-        let log = RolloutLog {
-            path,
-            pending: Vec::new(),
-        };
-        log.write_file(&old)?;
-        Ok(log)
-    }
-
-    fn append(&mut self, rows: Vec<PpoRollout>) {
-        self.pending.extend(rows);
-    }
-
-    /// Move the pending rows of steps before `until` into the file.
-    fn commit(&mut self, until: u64) -> Result<()> {
-        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|r| (r.step as u64) < until);
-        self.pending = later;
-        if now.is_empty() {
-            return Ok(());
-        }
-        // absent: nothing committed yet (`--overwrite` clears the run files after setup)
-        let mut rows = if self.path.exists() {
-            read_ppo_rollouts(&self.path)
-                .with_context(|| format!("reading the rollout log {}", self.path.display()))?
-        } else {
-            Vec::new()
-        };
-        rows.extend(now);
-        self.write_file(&rows)
-    }
-
-    fn write_file(&self, rows: &[PpoRollout]) -> Result<()> {
-        let tmp = self.path.with_file_name(".rollouts.parquet.tmp");
-        let mut w = PpoRolloutWriter::create(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        w.write(rows)?;
-        w.finish()?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(())
     }
 }

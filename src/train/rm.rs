@@ -276,7 +276,9 @@ impl Algorithm for Rm {
         let (m, rewards) = self.eval_pass(policy, &src, "eval data")?;
         self.eval_rewards = rewards;
         Ok(Some(
-            m.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect(),
+            m.into_iter()
+                .map(|(k, v)| (format!("eval_{k}"), v))
+                .collect(),
         ))
     }
 
@@ -313,7 +315,9 @@ impl Algorithm for Rm {
             ));
         }
         if let Some((m, s)) = mean_std(&self.eval_rewards) {
-            v.push(format!("held-out rewards: mean {m:.4}, std {s:.4} (in rm/config.json)"));
+            v.push(format!(
+                "held-out rewards: mean {m:.4}, std {s:.4} (in rm/config.json)"
+            ));
         }
         if !self.s.lora.full {
             v.push(format!(
@@ -392,10 +396,7 @@ impl Rm {
         metrics.insert("loss".into(), align_algorithms::ops::scalar_f64(&loss)?);
         let tokens: usize = seqs.iter().map(Vec::len).sum();
         metrics.insert("tokens".into(), tokens as f64);
-        let rewards: Vec<f64> = r
-            .detach()
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1()?;
+        let rewards: Vec<f64> = r.detach().to_dtype(candle_core::DType::F64)?.to_vec1()?;
         Ok((loss, metrics, rewards))
     }
 
@@ -414,7 +415,14 @@ impl Rm {
         let max = self.s.eval_max_pairs;
         while n < max {
             let want = self.s.batch.batch_size.min(max - n);
-            let Some(b) = next_batch(&mut stream, &self.tok, &self.trunc, &mut stats, want, u64::MAX)?
+            let Some(b) = next_batch(
+                &mut stream,
+                &self.tok,
+                &self.trunc,
+                &mut stats,
+                want,
+                u64::MAX,
+            )?
             else {
                 break;
             };
