@@ -315,38 +315,47 @@ struct DpoState {
     cursor: Cursor,
 }
 
-fn source(paths: &[PathBuf]) -> Result<Source> {
+pub(crate) fn source(paths: &[PathBuf]) -> Result<Source> {
     Source::from_paths(paths).with_context(|| format!("data {paths:?}"))
 }
 
-impl Algorithm for Dpo {
-    type Settings = DpoSettings;
-    const FULL_LR: f64 = FULL_LR;
-    const LORA_LR: f64 = FULL_LR * LORA_LR_FACTOR;
-    const PLOT: &'static [&'static str] = &[
-        "loss",
-        "rewards/accuracies",
-        "rewards/margins",
-        "eval_rewards/accuracies",
-    ];
-    const HEADLINE: &'static [(&'static str, &'static str)] = &[
-        ("loss", "loss"),
-        ("acc", "rewards/accuracies"),
-        ("eval_acc", "eval_rewards/accuracies"),
-    ];
+/// A preference data set opened for training (`align dpo`, `align rm`): the model's tokenizer,
+/// the truncation, the rows and — up to [`SCAN_MAX_ROWS`] rows — the usable-pair scan (a data
+/// set with no usable pair is refused here), the number of steps (`--steps`, else `--epochs`
+/// over the usable pairs), the stream options, and the eval source.
+pub(crate) struct PairData {
+    pub model: PathBuf,
+    pub tok: TokenizerBundle,
+    pub pad: u32,
+    pub trunc: TruncationOptions,
+    pub src: Source,
+    pub rows: u64,
+    pub scan: Option<DataScan>,
+    pub steps: u64,
+    pub opts: StreamOptions,
+    pub template: Option<align_datasets::ChatTemplate>,
+    pub eval_src: Option<Source>,
+}
 
-    fn new(s: &DpoSettings, policy: &Policy, ctx: &Setup) -> Result<Self> {
-        let model = s.run.model.clone().context("--model DIR is required")?;
-        let data = s
-            .data
-            .clone()
+impl PairData {
+    pub(crate) fn open(
+        run: &RunSettings,
+        data: Option<&Vec<PathBuf>>,
+        max_prompt_length: usize,
+        max_length: usize,
+        looping: &LoopSettings,
+        batch: &BatchSettings,
+    ) -> Result<Self> {
+        let model = run.model.clone().context("--model DIR is required")?;
+        let data = data
+            .cloned()
             .context("--data FILE.parquet is required with --model")?;
         let tok = TokenizerBundle::from_dir(&model)
             .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
         let pad = tok.pad_id();
         let trunc = TruncationOptions {
-            max_prompt_length: Some(s.max_prompt_length),
-            max_length: Some(s.max_length),
+            max_prompt_length: Some(max_prompt_length),
+            max_length: Some(max_length),
         };
         let src = source(&data)?;
         let rows = super::count_rows(src.files())?;
@@ -366,32 +375,79 @@ impl Algorithm for Dpo {
             None
         };
         let usable = scan.as_ref().map_or(rows, |c| c.usable);
-        let steps = match s.looping.steps {
+        let steps = match looping.steps {
             Some(n) => n,
-            None => ((usable as f64 * s.batch.epochs)
-                / (s.batch.batch_size * s.batch.grad_accum) as f64)
+            None => ((usable as f64 * batch.epochs) / (batch.batch_size * batch.grad_accum) as f64)
                 .ceil()
                 .max(1.0) as u64,
         };
+        let opts = StreamOptions {
+            shuffle: !looping.no_shuffle,
+            seed: looping.seed,
+            loop_epochs: true,
+            ..Default::default()
+        };
+        let template = tok.chat_template.clone();
+        let eval_src = looping.eval_data.as_ref().map(|e| source(e)).transpose()?;
+        Ok(PairData {
+            model,
+            tok,
+            pad,
+            trunc,
+            src,
+            rows,
+            scan,
+            steps,
+            opts,
+            template,
+            eval_src,
+        })
+    }
+}
+
+impl Algorithm for Dpo {
+    type Settings = DpoSettings;
+    const FULL_LR: f64 = FULL_LR;
+    const LORA_LR: f64 = FULL_LR * LORA_LR_FACTOR;
+    const PLOT: &'static [&'static str] = &[
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "eval_rewards/accuracies",
+    ];
+    const HEADLINE: &'static [(&'static str, &'static str)] = &[
+        ("loss", "loss"),
+        ("acc", "rewards/accuracies"),
+        ("eval_acc", "eval_rewards/accuracies"),
+    ];
+
+    fn new(s: &DpoSettings, policy: &Policy, ctx: &Setup) -> Result<Self> {
+        let PairData {
+            model,
+            tok,
+            pad,
+            trunc,
+            src,
+            rows,
+            scan,
+            steps,
+            opts,
+            template,
+            eval_src,
+        } = PairData::open(
+            &s.run,
+            s.data.as_ref(),
+            s.max_prompt_length,
+            s.max_length,
+            &s.looping,
+            &s.batch,
+        )?;
         let cfg = DpoConfig {
             loss_type: s.loss,
             beta: s.beta,
             label_smoothing: s.label_smoothing,
             simpo_gamma: s.simpo_gamma,
         };
-        let opts = StreamOptions {
-            shuffle: !s.looping.no_shuffle,
-            seed: s.looping.seed,
-            loop_epochs: true,
-            ..Default::default()
-        };
-        let template = tok.chat_template.clone();
-        let eval_src = s
-            .looping
-            .eval_data
-            .as_ref()
-            .map(|e| source(e))
-            .transpose()?;
         let reference = if !s.lora.full || s.loss == DpoLossType::Simpo {
             Reference::AdaptersOff
         } else if s.precompute_ref {

@@ -13,7 +13,7 @@
 //! over the evaluation set (else the first training pairs) in config.json (OpenRLHF's keys);
 //! with LoRA also `adapter/`, the adapter and head in PEFT's `SEQ_CLS` layout.
 
-use super::dpo::{check_batch, next_batch, obj, scan_pairs, DataScan, PairBatch, SCAN_MAX_ROWS};
+use super::dpo::{check_batch, next_batch, obj, DataScan, PairBatch, PairData, SCAN_MAX_ROWS};
 use super::settings::{
     self, AlgoSettings, BatchSettings, LoopSettings, LoraSettings, OptimSettings, RunSettings,
 };
@@ -89,10 +89,6 @@ struct RmState {
     cursor: Cursor,
 }
 
-fn source(paths: &[PathBuf]) -> Result<Source> {
-    Source::from_paths(paths).with_context(|| format!("data {paths:?}"))
-}
-
 /// The reward-model algorithm on the shared loop.
 pub struct Rm {
     s: RmSettings,
@@ -124,56 +120,26 @@ impl Algorithm for Rm {
     ];
 
     fn new(s: &RmSettings, policy: &Policy, ctx: &Setup) -> Result<Self> {
-        let model = s.run.model.clone().context("--model DIR is required")?;
-        let data = s
-            .data
-            .clone()
-            .context("--data FILE.parquet is required with --model")?;
-        let tok = TokenizerBundle::from_dir(&model)
-            .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
-        let pad = tok.pad_id();
-        let trunc = TruncationOptions {
-            max_prompt_length: Some(s.max_prompt_length),
-            max_length: Some(s.max_length),
-        };
-        let src = source(&data)?;
-        let rows = super::count_rows(src.files())?;
-        if rows == 0 {
-            crate::bail!("{data:?}: no rows");
-        }
-        let scan = if rows <= SCAN_MAX_ROWS {
-            let scan = scan_pairs(&src, &tok, &trunc)?;
-            if scan.usable == 0 {
-                crate::bail!(
-                    "{data:?}: no usable preference pair in its {rows} rows: {}",
-                    scan.describe()
-                );
-            }
-            Some(scan)
-        } else {
-            None
-        };
-        let usable = scan.as_ref().map_or(rows, |c| c.usable);
-        let steps = match s.looping.steps {
-            Some(n) => n,
-            None => ((usable as f64 * s.batch.epochs)
-                / (s.batch.batch_size * s.batch.grad_accum) as f64)
-                .ceil()
-                .max(1.0) as u64,
-        };
-        let opts = StreamOptions {
-            shuffle: !s.looping.no_shuffle,
-            seed: s.looping.seed,
-            loop_epochs: true,
-            ..Default::default()
-        };
-        let template = tok.chat_template.clone();
-        let eval_src = s
-            .looping
-            .eval_data
-            .as_ref()
-            .map(|e| source(e))
-            .transpose()?;
+        let PairData {
+            model: _,
+            tok,
+            pad,
+            trunc,
+            src,
+            rows,
+            scan,
+            steps,
+            opts,
+            template,
+            eval_src,
+        } = PairData::open(
+            &s.run,
+            s.data.as_ref(),
+            s.max_prompt_length,
+            s.max_length,
+            &s.looping,
+            &s.batch,
+        )?;
         let stream = match &ctx.resume {
             Some((state, _)) => {
                 let st: RmState = serde_json::from_value(state.clone())
