@@ -740,7 +740,7 @@ pub fn completion_logps(
     Ok((lp, mask))
 }
 
-fn pad_rows(rows: &[&[f32]], c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+pub(crate) fn pad_rows(rows: &[&[f32]], c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
     let mut v = vec![0f32; rows.len() * c];
     for (i, r) in rows.iter().enumerate() {
         for (j, x) in r.iter().take(c).enumerate() {

@@ -524,16 +524,6 @@ fn rows_of(x: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f32>>> {
         .collect())
 }
 
-fn padded(rows: &[&[f32]], c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let mut v = vec![0f32; rows.len() * c];
-    for (i, r) in rows.iter().enumerate() {
-        for (j, x) in r.iter().take(c).enumerate() {
-            v[i * c + j] = *x;
-        }
-    }
-    Ok(Tensor::from_vec(v, (rows.len(), c), dev)?.to_dtype(dtype)?)
-}
-
 /// Steps 3–4 of a rollout batch: no-grad log-probs (policy, reference), values, per-token
 /// rewards, GAE and whitened advantages. `reference`: a frozen copy (`--full`), else the policy
 /// with adapters off. Forwards run `chunk` samples at a time (0 = all).
@@ -578,7 +568,7 @@ pub fn process_rollouts(
     let b = samples.len();
     let t = |rows: &[Vec<f32>]| -> Result<Tensor> {
         let r: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-        padded(&r, c, DType::F32, &dev)
+        super::grpo::pad_rows(&r, c, DType::F32, &dev)
     };
     let mask: Vec<Vec<f32>> = lens.iter().map(|&n| vec![1.0; n]).collect();
     let mask_B_C = t(&mask)?;
@@ -651,7 +641,7 @@ pub fn ppo_micro_loss(
     let dtype = lp.dtype();
     let pick = |rows: &[Vec<f32>]| -> Result<Tensor> {
         let r: Vec<&[f32]> = idx.iter().map(|&i| rows[i].as_slice()).collect();
-        padded(&r, rb.c, dtype, &dev)
+        super::grpo::pad_rows(&r, rb.c, dtype, &dev)
     };
     let (old, adv, ret, vold) = (
         pick(&batch.logp)?,
