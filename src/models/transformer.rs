@@ -583,6 +583,22 @@ impl CausalLm {
         self.norm.forward(&x)
     }
 
+    /// Per-layer keys and values of a right-padded batch of prefixes `[U, L]` (positions 0..L,
+    /// causal), for suffix passes that attend to them (prefix sharing: a prompt computed once
+    /// for all its completions). The keys and values stay on the autograd graph, so the suffix
+    /// passes' gradients flow back into the prefix pass.
+    pub fn prefix_cache(&self, ids_u_l: &Tensor, fwd: Fwd) -> candle_core::Result<KvCache> {
+        let (u, l) = ids_u_l.dims2()?;
+        let pos = Tensor::arange(0u32, l as u32, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((u, l))?
+            .contiguous()?;
+        let mask = self.attention_mask(u, l, 0, None)?;
+        let mut cache = KvCache::new(self.layers.len());
+        self.forward_hidden(ids_u_l, &pos, &mask, Some(&mut cache), fwd)?;
+        Ok(cache)
+    }
+
     /// Hidden states `[B, T, hidden]` of a right-padded training batch (positions 0..T,
     /// causal mask).
     pub fn forward_batch(&self, ids_b_t: &Tensor, fwd: Fwd) -> candle_core::Result<Tensor> {
@@ -613,18 +629,52 @@ impl CausalLm {
         targets: &[u32],
         fwd: Fwd,
     ) -> candle_core::Result<Tensor> {
+        self.target_logps_t(ids_b_t, rows, targets, fwd, 1.0)
+    }
+
+    /// [`Self::target_logps`] of `softmax(logits / temperature)`.
+    pub fn target_logps_t(
+        &self,
+        ids_b_t: &Tensor,
+        rows: &[u32],
+        targets: &[u32],
+        fwd: Fwd,
+        temperature: f64,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids_b_t.dims2()?;
         let h = self
             .forward_batch(ids_b_t, fwd)?
             .reshape((b * t, self.cfg.hidden_size))?;
+        self.head_logps(&h, rows, targets, fwd, temperature)
+    }
+
+    /// `log p(targets[i] | ·)` of `softmax(logits / temperature)` from the final hidden states
+    /// `h` (`[N, hidden]`) at the rows `rows[i]`: the LM head, log-softmax and gather of
+    /// [`Self::target_logps`]. The head is linear, so a bias-free head divides the hidden
+    /// states (N × hidden) instead of the logits (N × vocab).
+    pub fn head_logps(
+        &self,
+        h: &Tensor,
+        rows: &[u32],
+        targets: &[u32],
+        fwd: Fwd,
+        temperature: f64,
+    ) -> candle_core::Result<Tensor> {
         let rows_t = Tensor::new(rows, &self.device)?;
-        let hs = h.index_select(&rows_t, 0)?;
+        let mut hs = h.index_select(&rows_t, 0)?;
         let head = &self.lm_head;
+        let scale_h = temperature != 1.0 && head.bias.is_none();
+        if scale_h {
+            hs = (hs / temperature)?;
+        }
         let plain_head = head.bias.is_none() && (head.lora.is_none() || !fwd.adapters);
         if plain_head && crate::fused::fusable(&hs) && head.weight.tensor().dtype() == hs.dtype() {
             return crate::fused::lm_head_logps(&hs, head.weight.tensor(), targets);
         }
-        let logits = head.forward(&hs, fwd)?;
+        let mut logits = head.forward(&hs, fwd)?;
+        if temperature != 1.0 && !scale_h {
+            logits = (logits / temperature)?;
+        }
         let lp =
             crate::ops::log_softmax_last_dim(&logits.to_dtype(compute_dtype(logits.dtype()))?)?;
         let tg = Tensor::new(targets, &self.device)?.unsqueeze(1)?;

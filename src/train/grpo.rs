@@ -60,7 +60,6 @@ use crate::bail;
 use crate::error::{Context, Result};
 use crate::generate::{encode_prompt, eos_ids, generate_chunked, SamplingConfig};
 use crate::lora::Fwd;
-use crate::models::transformer::next_token_logps;
 use crate::policy::{Policy, TokenBatch, TrainMode};
 use crate::rewards::{build_reward, RewardFn, RewardInput, RewardOptions};
 use crate::trainer::Metrics;
@@ -709,11 +708,9 @@ pub fn completion_logps(
         .collect();
     let dev = policy.device();
     let tb = TokenBatch::from_pairs(&pairs, pad, policy.dtype(), dev)?;
-    let mut logits = policy.logits(&tb.ids, fwd)?;
-    if temperature > 0.0 && temperature != 1.0 {
-        logits = (logits / temperature)?;
-    }
-    let lp = next_token_logps(&logits, &tb.ids)?; // [B, T-1]
+    let temperature = if temperature > 0.0 { temperature } else { 1.0 };
+    // only completion positions make logits, and a group's shared prompt runs once
+    let lp = policy.target_token_logps(&tb, fwd, temperature)?; // [B, T-1]
     let t1 = lp.dim(1)?;
     let c = samples
         .iter()

@@ -540,7 +540,8 @@ fn batch_loss(
         .map(|e| (&e.ids[..e.split], &e.ids[e.split..]))
         .collect();
     let tb = TokenBatch::from_pairs(&seqs, pad, policy.dtype(), policy.device())?;
-    let lp = policy.token_logps(&tb.ids, Fwd::POLICY.with_train(train))?;
+    // only target positions make logits
+    let lp = policy.target_token_logps(&tb, Fwd::POLICY.with_train(train), 1.0)?;
     let (loss, n) = sft_loss(&lp, &tb.mask, None)?;
     let mut m = Metrics::new();
     m.insert("loss".into(), align_algorithms::ops::scalar_f64(&loss)?);
