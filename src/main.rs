@@ -57,10 +57,34 @@ enum Command {
 /// spins until a descheduled worker finishes: measured on 2 cores, DPO steps took 1.2–1.6×
 /// longer (docs/benchmarks.md). Element-wise work is memory-bound, so align keeps it on the
 /// calling thread unless the user sets `CANDLE_NUM_THREADS` themselves.
+///
+/// candle also asks for the matmul thread count at every product, and without
+/// `RAYON_NUM_THREADS` that means reading and parsing `/proc/cpuinfo` (about 2% of a DPO step on
+/// 2 cores): align sets it once, to the cores this process may use.
 fn configure_threads() {
+    // before any thread exists: candle and rayon read these when their pools are first used
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // before any thread exists: candle reads it when its pool is first used
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Runs the command on a worker of rayon's global pool rather than on the main thread.
+///
+/// Every matrix product and fused kernel is a rayon parallel loop. Started from a thread outside
+/// the pool, each one is injected into the pool, wakes its workers and puts the caller to sleep
+/// on a latch until they finish: two futex wake-ups per op, thousands per step (about 10% of a
+/// DPO step on 2 cores went to `futex_wake`). From inside the pool the caller runs its own share
+/// and the other workers steal the rest. A data-parallel rank stays on the main thread, where
+/// MPI was initialised.
+fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if align::dist::world() > 1 || std::env::var_os("ALIGN_MAIN_THREAD").is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
     }
 }
 
@@ -81,7 +105,7 @@ fn main() {
         );
         align::dist::abort_job("not a training command", 2);
     }
-    let result = match cli.command {
+    let result = in_pool(|| match cli.command {
         Command::Dpo(a) => commands::dpo::run(*a),
         Command::Sft(a) => commands::sft::run(*a),
         Command::Grpo(a) => commands::grpo::run(*a),
@@ -96,7 +120,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Sweep(a) => commands::sweep::run(a),
-    };
+    });
     if let Err(e) = result {
         let p = align::dist::prefix();
         eprintln!("error: {p}{e}");
