@@ -15,6 +15,17 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, 
 /// fine-tuning. Here the product runs inside a custom op (the backend's own matmul, no copy)
 /// whose backward returns only `dL/dx = dL/dy · W`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    frozen_linear_t(x, w, None, b)
+}
+
+/// [`frozen_linear`] with `wt`, a contiguous copy of `W^T [in, out]`, used for the forward
+/// product when given (the layout the CPU matmul packs fastest); backward reads `w`.
+pub fn frozen_linear_t(
+    x: &Tensor,
+    w: &Tensor,
+    wt: Option<&Tensor>,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let dims = x.dims().to_vec();
     let last = *dims.last().unwrap_or(&0);
@@ -27,9 +38,15 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let n: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((n, in_dim))?;
     let y2 = if x2.track_op() {
-        x2.apply_op1(FrozenLinear { w: w.clone() })?
+        x2.apply_op1(FrozenLinear {
+            w: w.clone(),
+            wt: wt.cloned(),
+        })?
     } else {
-        x2.matmul(&w.t()?)?
+        match wt {
+            Some(wt) => x2.matmul(wt)?,
+            None => x2.matmul(&w.t()?)?,
+        }
     };
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = out_dim;
@@ -43,6 +60,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 /// `x [n, in] -> x W^T [n, out]` with an input-only backward.
 struct FrozenLinear {
     w: Tensor,
+    /// `W^T` contiguous, for the forward product (see [`frozen_linear_t`]).
+    wt: Option<Tensor>,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -52,7 +71,10 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, k) = l.shape().dims2()?;
-        let wt = self.w.t()?;
+        let wt = match &self.wt {
+            Some(wt) => wt.clone(),
+            None => self.w.t()?,
+        };
         let (ws, wl) = wt.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen_linear: weight is not on the CPU")
@@ -174,19 +196,278 @@ pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Ten
 /// CPU and CUDA (on CUDA the scaled branch is one cuBLAS product plus an add kernel, not added
 /// in place); callers use the composite path on other devices.
 pub fn lora_linear(x2: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    lora_linear_t(x2, w, None, a, b, scale)
+}
+
+/// [`lora_linear`] with `wt`, a contiguous copy of `W^T [in, out]`, for the CPU forward product
+/// (the layout the matmul packs fastest); backward reads `w`.
+pub fn lora_linear_t(
+    x2: &Tensor,
+    w: &Tensor,
+    wt: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     x2.apply_op3(
         a,
         b,
         LoraLinear {
             w: w.clone(),
+            wt: wt.cloned(),
             scale,
+            h: std::sync::Mutex::new(None),
         },
     )
 }
 
 struct LoraLinear {
     w: Tensor,
+    /// `W^T` contiguous, for the CPU forward product (see [`frozen_linear_t`]).
+    wt: Option<Tensor>,
     scale: f64,
+    /// `x A^T [n, r]` from the CPU forward, which backward needs for `dB` (saves a product).
+    h: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+/// A row-major view of a matrix in a slice: element `(i, j)` at `rs·i + cs·j`.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    p: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    fn new(p: &'a [T], rows: usize, cols: usize) -> Result<Self> {
+        if p.len() < rows * cols {
+            candle_core::bail!(
+                "lora_linear: a [{rows}, {cols}] operand has {} elements",
+                p.len()
+            )
+        }
+        Ok(Mat {
+            p,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        })
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// `dst [m, n] := (dst if accumulate) + beta · lhs · rhs` with the gemm crate (candle's own CPU
+/// matmul library), on the current rayon pool; `dst` is contiguous row-major.
+fn gemm_into<T: candle_core::WithDType>(
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    beta: T,
+) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n {
+        candle_core::bail!(
+            "lora_linear: product of [{m}, {k}] and [{}, {n}] shapes",
+            rhs.rows
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(T::zero());
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `Mat::new` checked that each operand's slice holds its rows × cols elements at
+    // the strides used (a transpose swaps them), and `dst` holds m × n; gemm supports f32/f64/
+    // f16, the dtypes of the callers (bf16 is refused there).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.p.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.p.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    };
+    Ok(())
+}
+
+/// A zeroed vector of `len` elements for a product to overwrite.
+fn output_buffer<T: candle_core::WithDType>(len: usize) -> Vec<T> {
+    vec![T::zero(); len]
+}
+
+/// The contiguous slice of a CPU tensor's elements (a copy first if it is strided).
+fn cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*s else {
+        candle_core::bail!("lora_linear: not a CPU tensor")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("lora_linear: not contiguous after contiguous()")
+    };
+    f(&s.as_slice::<T>()?[a..b])
+}
+
+fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [T]> {
+    let (a, b) = l.contiguous_offsets()?;
+    s.as_slice::<T>().ok().map(|v| &v[a..b])
+}
+
+impl LoraLinear {
+    /// The CPU forward with every product written into its final buffer:
+    /// `y = x W^T`, `h = x A^T`, then `y += s · h B^T` accumulated in place.
+    /// `None` when an operand is strided (the caller falls back to candle's matmuls).
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd_gemm<T: candle_core::WithDType>(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<Option<(CpuStorage, Shape)>> {
+        let (n, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (out, _) = bl.shape().dims2()?;
+        // W^T [k, out] from the cached transpose when there is one, else a view of W
+        let (ws, wl) = match &self.wt {
+            Some(wt) => wt.storage_and_layout(),
+            None => self.w.storage_and_layout(),
+        };
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("lora_linear: weight is not on the CPU")
+        };
+        let (Some(x), Some(a), Some(b), Some(w)) = (
+            contiguous::<T>(xs, xl),
+            contiguous::<T>(as_, al),
+            contiguous::<T>(bs, bl),
+            contiguous::<T>(ws, wl),
+        ) else {
+            return Ok(None);
+        };
+        let wt = match &self.wt {
+            Some(_) => Mat::new(w, k, out)?,
+            None => Mat::new(w, out, k)?.t(),
+        };
+        let x = Mat::new(x, n, k)?;
+        let mut y = output_buffer::<T>(n * out);
+        gemm_into(&mut y, false, x, wt, T::one())?;
+        let mut h = output_buffer::<T>(n * r);
+        gemm_into(&mut h, false, x, Mat::new(a, r, k)?.t(), T::one())?;
+        let s = T::from_f64(self.scale);
+        gemm_into(
+            &mut y,
+            true,
+            Mat::new(&h, n, r)?,
+            Mat::new(b, out, r)?.t(),
+            s,
+        )?;
+        *self.h.lock().unwrap_or_else(|e| e.into_inner()) = Some(T::to_cpu_storage_owned(h));
+        Ok(Some((T::to_cpu_storage_owned(y), Shape::from((n, out)))))
+    }
+
+    /// The CPU backward in five products, each into its final buffer:
+    /// `gb = s · g B`, `dx = g W + gb A`, `dA = gb^T x`, `dB = s · g^T h`.
+    fn cpu_bwd_gemm<T: candle_core::WithDType>(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (out, _) = b.dims2()?;
+        let s = T::from_f64(self.scale);
+        let saved = self.h.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let h: Vec<T> = match saved {
+            Some(h) => h.as_slice::<T>()?.to_vec(),
+            None => cpu_slice::<T, _>(x, |xv| {
+                cpu_slice::<T, _>(a, |av| {
+                    let mut h = output_buffer::<T>(n * r);
+                    gemm_into(
+                        &mut h,
+                        false,
+                        Mat::new(xv, n, k)?,
+                        Mat::new(av, r, k)?.t(),
+                        T::one(),
+                    )?;
+                    Ok(h)
+                })
+            })?,
+        };
+        let (dx, da, db) = cpu_slice::<T, _>(g, |gv| {
+            cpu_slice::<T, _>(x, |xv| {
+                cpu_slice::<T, _>(a, |av| {
+                    cpu_slice::<T, _>(b, |bv| {
+                        cpu_slice::<T, _>(&self.w, |wv| {
+                            let g = Mat::new(gv, n, out)?;
+                            let x = Mat::new(xv, n, k)?;
+                            let mut gb = output_buffer::<T>(n * r);
+                            gemm_into(&mut gb, false, g, Mat::new(bv, out, r)?, s)?;
+                            let gbm = Mat::new(&gb, n, r)?;
+                            let mut dx = output_buffer::<T>(n * k);
+                            gemm_into(&mut dx, false, g, Mat::new(wv, out, k)?, T::one())?;
+                            gemm_into(&mut dx, true, gbm, Mat::new(av, r, k)?, T::one())?;
+                            let mut da = output_buffer::<T>(r * k);
+                            gemm_into(&mut da, false, gbm.t(), x, T::one())?;
+                            let mut db = output_buffer::<T>(out * r);
+                            gemm_into(&mut db, false, g.t(), Mat::new(&h, n, r)?, s)?;
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, (n, k), dev)?,
+            Tensor::from_vec(da, (r, k), dev)?,
+            Tensor::from_vec(db, (out, r), dev)?,
+        ))
+    }
 }
 
 fn add_scaled(y: CpuStorage, d: &CpuStorage, s: f64) -> Result<CpuStorage> {
@@ -233,6 +514,16 @@ impl candle_core::CustomOp3 for LoraLinear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if crate::fused::enabled() {
+            let fast = match xs {
+                CpuStorage::F32(_) => self.cpu_fwd_gemm::<f32>(xs, xl, as_, al, bs, bl)?,
+                CpuStorage::F64(_) => self.cpu_fwd_gemm::<f64>(xs, xl, as_, al, bs, bl)?,
+                _ => None,
+            };
+            if let Some(res) = fast {
+                return Ok(res);
+            }
+        }
         let (n, k) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
         let (out, _) = bl.shape().dims2()?;
@@ -291,6 +582,18 @@ impl candle_core::CustomOp3 for LoraLinear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let cpu_gemm = x.device().is_cpu() && crate::fused::enabled();
+        match x.dtype() {
+            DType::F32 if cpu_gemm => {
+                let (dx, da, db) = self.cpu_bwd_gemm::<f32>(x, a, b, g)?;
+                return Ok((Some(dx), Some(da), Some(db)));
+            }
+            DType::F64 if cpu_gemm => {
+                let (dx, da, db) = self.cpu_bwd_gemm::<f64>(x, a, b, g)?;
+                return Ok((Some(dx), Some(da), Some(db)));
+            }
+            _ => {}
+        }
         let s = self.scale;
         let gb = (g.matmul(b)? * s)?; // [n, r]
         let dx = (g.matmul(&self.w)? + gb.matmul(a)?)?;
@@ -356,6 +659,46 @@ mod tests {
             assert!(d < 1e-10, "{d}");
         }
         assert!(g1.get(&w).is_none());
+        Ok(())
+    }
+
+    /// The CPU gemm path (f32 here, f64 above) with a strided upstream gradient, uneven shapes,
+    /// a second backward through the same graph (the saved `x A^T` is then recomputed), and
+    /// with and without the cached contiguous `W^T`.
+    #[test]
+    fn fused_lora_linear_cpu_gemm_path_with_strided_gradient_and_repeated_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, out, r) = (37, 29, 23, 5);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, k), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (out, k), &dev)?;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1., (r, k), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., (out, r), &dev)?)?;
+        let s = 1.3;
+        let wt = w.t()?.contiguous()?;
+        for wt in [None, Some(&wt)] {
+            let fused = lora_linear_t(x.as_tensor(), &w, wt, a.as_tensor(), b.as_tensor(), s)?;
+            let comp = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
+            let diff = (&fused - &comp)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{diff}");
+            // the loss reads y through a transpose, so dL/dy arrives strided
+            let wts = Tensor::randn(0f32, 1., (out, n), &dev)?;
+            let loss = (fused.t()? * &wts)?.sum_all()?;
+            let g1 = loss.backward()?;
+            let g1b = loss.backward()?;
+            let g2 = (comp.t()? * &wts)?.sum_all()?.backward()?;
+            for v in [&x, &a, &b] {
+                let want = g2.get(v).expect("grad");
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                for got in [g1.get(v), g1b.get(v)] {
+                    let d = (got.expect("fused grad") - want)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f32>()?;
+                    assert!(d < 1e-5 * scale.max(1.0), "{d} vs scale {scale}");
+                }
+            }
+            assert!(g1.get(&w).is_none());
+        }
         Ok(())
     }
 

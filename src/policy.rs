@@ -345,10 +345,7 @@ impl Policy {
             } else {
                 (Vec::new(), live)
             };
-        let saved: usize = groups
-            .iter()
-            .map(|(l, rows)| l * (rows.len() - 1))
-            .sum();
+        let saved: usize = groups.iter().map(|(l, rows)| l * (rows.len() - 1)).sum();
         LAST_SHARING.with(|c| c.set((groups.iter().map(|(_, r)| r.len()).sum(), saved)));
         let (mut lps, mut weights) = (Vec::new(), Vec::new());
         // rows without a shared prefix: whole sequences, in groups of similar trimmed length

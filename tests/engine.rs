@@ -355,7 +355,8 @@ fn shared_prompts_give_the_same_logps_and_gradients() {
             // below MIN_SHARED_PREFIX and the empty row has no target
             let expect = (6, 6 + 3 * 9);
             assert_eq!(align::policy::last_prefix_sharing(), expect, "{family:?}");
-            let (w, s): (Vec<f64>, Vec<f64>) = (whole.to_vec1().unwrap(), shared.to_vec1().unwrap());
+            let (w, s): (Vec<f64>, Vec<f64>) =
+                (whole.to_vec1().unwrap(), shared.to_vec1().unwrap());
             assert_eq!(w[8], 0.0);
             for (i, (x, y)) in w.iter().zip(&s).enumerate() {
                 assert!(
@@ -379,31 +380,57 @@ fn shared_prompts_give_the_same_logps_and_gradients() {
                 };
                 let d = scalar(&(a - c).unwrap().abs().unwrap().max_all().unwrap());
                 let m = scalar(&a.abs().unwrap().max_all().unwrap());
-                assert!(d <= 1e-10 * m.max(1e-3), "{family:?} {mode:?} {name}: |Δgrad| {d} of {m}");
+                assert!(
+                    d <= 1e-10 * m.max(1e-3),
+                    "{family:?} {mode:?} {name}: |Δgrad| {d} of {m}"
+                );
                 compared += 1;
             }
-            assert!(compared * 2 > vars.len(), "{family:?}: {compared} of {}", vars.len());
+            assert!(
+                compared * 2 > vars.len(),
+                "{family:?}: {compared} of {}",
+                vars.len()
+            );
         }
         // finite differences on the shared path, for a few LoRA A entries
-        let policy = Policy::load(&path, TrainMode::Lora(lora(4)), DType::F64, &Device::Cpu).unwrap();
+        let policy =
+            Policy::load(&path, TrainMode::Lora(lora(4)), DType::F64, &Device::Cpu).unwrap();
         randomise_b(&policy, 7);
-        let f = |p: &Policy| scalar(&weighted_sum(&p.sequence_logps_with(&b, Fwd::POLICY, true).unwrap()));
+        let f = |p: &Policy| {
+            scalar(&weighted_sum(
+                &p.sequence_logps_with(&b, Fwd::POLICY, true).unwrap(),
+            ))
+        };
         let grads = weighted_sum(&policy.sequence_logps_with(&b, Fwd::POLICY, true).unwrap())
             .backward()
             .unwrap();
-        for (name, var) in policy.trainable_vars().iter().filter(|(n, _)| n.contains("q_proj.lora_A")).take(2) {
-            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (name, var) in policy
+            .trainable_vars()
+            .iter()
+            .filter(|(n, _)| n.contains("q_proj.lora_A"))
+            .take(2)
+        {
+            let g: Vec<f64> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             for k in [0usize, 3] {
                 let h = 1e-5;
                 let mut v = base.clone();
                 v[k] += h;
-                var.set(&Tensor::from_vec(v.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let up = f(&policy);
                 v[k] -= 2.0 * h;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let down = f(&policy);
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let fd = (up - down) / (2.0 * h);
                 assert!(
                     (fd - g[k]).abs() <= 1e-6 * fd.abs().max(1e-2),

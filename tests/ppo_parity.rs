@@ -22,7 +22,16 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Relative L2 distance of align's update from PyTorch's, over each network's parameters (the
+/// policy adapter; the value adapter and head).
 const UPDATE_REL_TOL: f64 = 1e-4;
+/// The same distance per tensor. Looser: both sides run f32, and AdamW divides each element's
+/// step by the root of its own squared-gradient average, so an element whose gradient is near
+/// zero at some step turns float rounding into a visible step difference. Seen: one element of
+/// the value model's 256-element `layers.1.mlp.gate_proj.lora_B` stepping 0.2% away from
+/// PyTorch's while the other 255 agreed to 1e-8 (1.2e-4 for that tensor, 2e-5 with a different
+/// but equally exact matmul layout). A wrong gradient moves every element and fails both bounds.
+const TENSOR_REL_TOL: f64 = 5e-4;
 
 fn fixture(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -81,7 +90,8 @@ fn assert_rows(what: &str, got: &[Vec<f32>], want: &[Vec<f64>], tol: f64) {
     }
 }
 
-fn rel_update(name: &str, before: &[f64], after: &[f64], want: &[f64]) -> f64 {
+/// (squared distance of the updates, squared norm of the reference update).
+fn update_distance(name: &str, before: &[f64], after: &[f64], want: &[f64]) -> (f64, f64) {
     assert_eq!(before.len(), after.len(), "{name}");
     let (mut num, mut den) = (0.0, 0.0);
     for ((b, a), w) in before.iter().zip(after).zip(want) {
@@ -90,7 +100,7 @@ fn rel_update(name: &str, before: &[f64], after: &[f64], want: &[f64]) -> f64 {
         den += dw * dw;
     }
     assert!(den > 0.0, "{name}: the reference did not move it");
-    (num / den).sqrt()
+    (num, den)
 }
 
 #[test]
@@ -266,6 +276,7 @@ fn one_ppo_update_matches_pytorch_trl() {
     let want_policy = load(&fixture("ppo/policy_after.safetensors"));
     let want_value = load(&fixture("ppo/value_after.safetensors"));
     let mut checked = 0;
+    let mut networks = [(0.0, 0.0); 2];
     for ((name, v), (_, b)) in vars.iter().zip(&before) {
         let key = match name.strip_prefix("value.") {
             Some("score.weight") => "score.weight".to_string(),
@@ -280,12 +291,23 @@ fn one_ppo_update_matches_pytorch_trl() {
         let w = want
             .get(&key)
             .unwrap_or_else(|| panic!("{key} not in the reference"));
-        let rel = rel_update(name, b, &values(v.as_tensor()), &values(w));
+        let (num, den) = update_distance(name, b, &values(v.as_tensor()), &values(w));
+        let rel = (num / den).sqrt();
         assert!(
-            rel < UPDATE_REL_TOL,
+            rel < TENSOR_REL_TOL,
             "{name}: update differs from PyTorch's by {rel:.2e} (relative L2)"
         );
+        let net = &mut networks[name.starts_with("value.") as usize];
+        net.0 += num;
+        net.1 += den;
         checked += 1;
+    }
+    for ((num, den), which) in networks.iter().zip(["policy adapter", "value model"]) {
+        let rel = (num / den).sqrt();
+        assert!(
+            rel < UPDATE_REL_TOL,
+            "{which}: update differs from PyTorch's by {rel:.2e} (relative L2)"
+        );
     }
     assert_eq!(
         checked,

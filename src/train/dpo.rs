@@ -421,7 +421,7 @@ impl Algorithm for Dpo {
         ("eval_acc", "eval_rewards/accuracies"),
     ];
 
-    fn new(s: &DpoSettings, policy: &Policy, ctx: &Setup) -> Result<Self> {
+    fn new(s: &DpoSettings, _policy: &Policy, ctx: &Setup) -> Result<Self> {
         let PairData {
             model,
             tok,
@@ -451,13 +451,19 @@ impl Algorithm for Dpo {
         let reference = if !s.lora.full || s.loss == DpoLossType::Simpo {
             Reference::AdaptersOff
         } else if s.precompute_ref {
-            // Before any update (and before a resume loads its weights): the initial policy is
-            // the reference. Eval rows are keyed by their own file, so one table serves both.
+            // The initial weights are the reference (a resume's trained weights play no part). Eval rows are keyed by their own file, so one table serves both.
             eprintln!("precomputing reference log-probs over {rows} rows...");
+            // with a frozen load of the model, dropped afterwards: the same kernels as the
+            // frozen reference copy (frozen weights run their forward from a cached transpose),
+            // so both ways give bit-identical log-probs and training
+            let frozen = Policy::load(&model, TrainMode::Frozen, ctx.dtype, &ctx.device)
+                .with_context(|| {
+                    format!("loading {} to precompute the reference", model.display())
+                })?;
             let mut table = HashMap::new();
             for src in std::iter::once(&src).chain(eval_src.iter()) {
                 table.extend(precompute(
-                    policy,
+                    &frozen,
                     src,
                     &tok,
                     &trunc,
