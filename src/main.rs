@@ -79,7 +79,7 @@ fn configure_threads() {
 /// on a latch until they finish: two futex wake-ups per op, thousands per step (about 10% of a
 /// DPO step on 2 cores went to `futex_wake`). From inside the pool the caller runs its own share
 /// and the other workers steal the rest. A data-parallel rank stays on the main thread, where
-/// MPI was initialised.
+/// MPI was initialised; `ALIGN_MAIN_THREAD=1` keeps any command there (A/B measurements).
 fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if align::dist::world() > 1 || std::env::var_os("ALIGN_MAIN_THREAD").is_some() {
         f()

@@ -328,30 +328,20 @@ fn gemm_into<T: candle_core::WithDType>(
     Ok(())
 }
 
-/// A zeroed vector of `len` elements for a product to overwrite.
-fn output_buffer<T: candle_core::WithDType>(len: usize) -> Vec<T> {
-    vec![T::zero(); len]
-}
-
-/// The contiguous slice of a CPU tensor's elements (a copy first if it is strided).
-fn cpu_slice<T: candle_core::WithDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&[T]) -> Result<R>,
-) -> Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*s else {
-        candle_core::bail!("lora_linear: not a CPU tensor")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("lora_linear: not contiguous after contiguous()")
-    };
-    f(&s.as_slice::<T>()?[a..b])
-}
-
 fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [T]> {
     let (a, b) = l.contiguous_offsets()?;
     s.as_slice::<T>().ok().map(|v| &v[a..b])
+}
+
+/// The elements of a contiguous CPU tensor (`t` from `storage_and_layout`).
+fn cpu_elems<'a, T: candle_core::WithDType>(
+    t: &'a (impl std::ops::Deref<Target = Storage>, &Layout),
+) -> Result<&'a [T]> {
+    let Storage::Cpu(s) = &*t.0 else {
+        candle_core::bail!("lora_linear: not a CPU tensor")
+    };
+    contiguous::<T>(s, t.1)
+        .ok_or_else(|| candle_core::Error::Msg("lora_linear: strided operand".into()))
 }
 
 impl LoraLinear {
@@ -392,9 +382,9 @@ impl LoraLinear {
             None => Mat::new(w, out, k)?.t(),
         };
         let x = Mat::new(x, n, k)?;
-        let mut y = output_buffer::<T>(n * out);
+        let mut y = vec![T::zero(); n * out];
         gemm_into(&mut y, false, x, wt, T::one())?;
-        let mut h = output_buffer::<T>(n * r);
+        let mut h = vec![T::zero(); n * r];
         gemm_into(&mut h, false, x, Mat::new(a, r, k)?.t(), T::one())?;
         let s = T::from_f64(self.scale);
         gemm_into(
@@ -421,51 +411,60 @@ impl LoraLinear {
         let (r, _) = a.dims2()?;
         let (out, _) = b.dims2()?;
         let s = T::from_f64(self.scale);
+        let dev = x.device().clone();
+        let (g, x, a, b, w) = (
+            g.contiguous()?,
+            x.contiguous()?,
+            a.contiguous()?,
+            b.contiguous()?,
+            self.w.contiguous()?,
+        );
+        let (gs, xs, as_, bs, ws) = (
+            g.storage_and_layout(),
+            x.storage_and_layout(),
+            a.storage_and_layout(),
+            b.storage_and_layout(),
+            w.storage_and_layout(),
+        );
+        let g = Mat::new(cpu_elems::<T>(&gs)?, n, out)?;
+        let x = Mat::new(cpu_elems::<T>(&xs)?, n, k)?;
+        let (av, bv) = (cpu_elems::<T>(&as_)?, cpu_elems::<T>(&bs)?);
+        // x A^T from the forward, or again if this graph is walked a second time
         let saved = self.h.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let h: Vec<T> = match saved {
-            Some(h) => h.as_slice::<T>()?.to_vec(),
-            None => cpu_slice::<T, _>(x, |xv| {
-                cpu_slice::<T, _>(a, |av| {
-                    let mut h = output_buffer::<T>(n * r);
-                    gemm_into(
-                        &mut h,
-                        false,
-                        Mat::new(xv, n, k)?,
-                        Mat::new(av, r, k)?.t(),
-                        T::one(),
-                    )?;
-                    Ok(h)
-                })
-            })?,
+        let h = match saved {
+            Some(h) => h,
+            None => {
+                let mut h = vec![T::zero(); n * r];
+                gemm_into(&mut h, false, x, Mat::new(av, r, k)?.t(), T::one())?;
+                T::to_cpu_storage_owned(h)
+            }
         };
-        let (dx, da, db) = cpu_slice::<T, _>(g, |gv| {
-            cpu_slice::<T, _>(x, |xv| {
-                cpu_slice::<T, _>(a, |av| {
-                    cpu_slice::<T, _>(b, |bv| {
-                        cpu_slice::<T, _>(&self.w, |wv| {
-                            let g = Mat::new(gv, n, out)?;
-                            let x = Mat::new(xv, n, k)?;
-                            let mut gb = output_buffer::<T>(n * r);
-                            gemm_into(&mut gb, false, g, Mat::new(bv, out, r)?, s)?;
-                            let gbm = Mat::new(&gb, n, r)?;
-                            let mut dx = output_buffer::<T>(n * k);
-                            gemm_into(&mut dx, false, g, Mat::new(wv, out, k)?, T::one())?;
-                            gemm_into(&mut dx, true, gbm, Mat::new(av, r, k)?, T::one())?;
-                            let mut da = output_buffer::<T>(r * k);
-                            gemm_into(&mut da, false, gbm.t(), x, T::one())?;
-                            let mut db = output_buffer::<T>(out * r);
-                            gemm_into(&mut db, false, g.t(), Mat::new(&h, n, r)?, s)?;
-                            Ok((dx, da, db))
-                        })
-                    })
-                })
-            })
-        })?;
-        let dev = x.device();
+        let mut gb = vec![T::zero(); n * r];
+        gemm_into(&mut gb, false, g, Mat::new(bv, out, r)?, s)?;
+        let gbm = Mat::new(&gb, n, r)?;
+        let mut dx = vec![T::zero(); n * k];
+        gemm_into(
+            &mut dx,
+            false,
+            g,
+            Mat::new(cpu_elems::<T>(&ws)?, out, k)?,
+            T::one(),
+        )?;
+        gemm_into(&mut dx, true, gbm, Mat::new(av, r, k)?, T::one())?;
+        let mut da = vec![T::zero(); r * k];
+        gemm_into(&mut da, false, gbm.t(), x, T::one())?;
+        let mut db = vec![T::zero(); out * r];
+        gemm_into(
+            &mut db,
+            false,
+            g.t(),
+            Mat::new(h.as_slice::<T>()?, n, r)?,
+            s,
+        )?;
         Ok((
-            Tensor::from_vec(dx, (n, k), dev)?,
-            Tensor::from_vec(da, (r, k), dev)?,
-            Tensor::from_vec(db, (out, r), dev)?,
+            Tensor::from_vec(dx, (n, k), &dev)?,
+            Tensor::from_vec(da, (r, k), &dev)?,
+            Tensor::from_vec(db, (out, r), &dev)?,
         ))
     }
 }

@@ -451,7 +451,8 @@ impl Algorithm for Dpo {
         let reference = if !s.lora.full || s.loss == DpoLossType::Simpo {
             Reference::AdaptersOff
         } else if s.precompute_ref {
-            // The initial weights are the reference (a resume's trained weights play no part). Eval rows are keyed by their own file, so one table serves both.
+            // The initial weights are the reference (a resume's trained weights play no part).
+            // Eval rows are keyed by their own file, so one table serves both.
             eprintln!("precomputing reference log-probs over {rows} rows...");
             // with a frozen load of the model, dropped afterwards: the same kernels as the
             // frozen reference copy (frozen weights run their forward from a cached transpose),
