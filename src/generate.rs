@@ -313,7 +313,11 @@ pub fn generate(
     let mut out: Vec<Option<Completion>> = vec![None; b];
     let mut gen: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = vec![Default::default(); b];
     let mut active: Vec<usize> = (0..b).collect();
-    let mut cache = KvCache::new(model.layers.len());
+    // in-place buffers for every position this call can reach (prompt + new tokens)
+    let mut cache = KvCache::with_capacity(
+        model.layers.len(),
+        (l + cfg.max_new_tokens).min(max_pos.max(l + 1)),
+    );
     let mut step_ids = Tensor::from_vec(ids, (b, l), dev)?;
     let mut step_pos = Tensor::from_vec(pos, (b, l), dev)?;
     let mut past = 0usize;
@@ -323,11 +327,6 @@ pub fn generate(
         let t = step_ids.dim(1)?;
         let mask = model.attention_mask(n, t, past, Some(&key_valid))?;
         let hidden = model.forward_hidden(&step_ids, &step_pos, &mask, Some(&mut cache), fwd)?;
-        for slot in cache.kv.iter_mut() {
-            if let Some((k, v)) = slot.take() {
-                *slot = Some((k.detach(), v.detach()));
-            }
-        }
         past += t;
         let last = hidden.narrow(1, t - 1, 1)?.detach();
         let logits = model
@@ -403,11 +402,7 @@ pub fn generate(
         }
         if keep_rows.len() < n {
             let sel = Tensor::new(keep_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
-            for slot in cache.kv.iter_mut() {
-                if let Some((k, v)) = slot.take() {
-                    *slot = Some((k.index_select(&sel, 0)?, v.index_select(&sel, 0)?));
-                }
-            }
+            cache.select_rows(&sel)?;
             active = keep_rows.iter().map(|&r| active[r]).collect();
             key_valid = keep_rows.iter().map(|&r| key_valid[r].clone()).collect();
             next_pos = keep_rows.iter().map(|&r| next_pos[r]).collect();

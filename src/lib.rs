@@ -6,6 +6,7 @@ pub mod config;
 pub mod dist;
 pub mod error;
 pub mod fused;
+pub mod kernels;
 pub mod lora;
 pub mod models;
 pub mod ops;

@@ -119,6 +119,10 @@ pub struct Linear {
     /// in docs/benchmarks.md); backward keeps reading `W`, which is already in that layout for
     /// `dx = g W`. Costs one more copy of each frozen matrix.
     wt: std::sync::OnceLock<Tensor>,
+    /// A frozen f32 weight's `W^T` packed for the few-rows kernel, made at the first CPU forward
+    /// of at most [`crate::kernels::MAX_ROWS`] rows (decoding): those products read it instead
+    /// of `wt` (2–4× gemm's speed at 1–48 rows on SmolLM2's shapes, docs/benchmarks.md).
+    panels: std::sync::OnceLock<crate::ops::Panels>,
 }
 
 /// Per-forward switches.
@@ -149,6 +153,7 @@ impl Linear {
             bias,
             lora: None,
             wt: std::sync::OnceLock::new(),
+            panels: std::sync::OnceLock::new(),
         }
     }
 
@@ -169,6 +174,25 @@ impl Linear {
         }
         let t = w.t()?.contiguous()?;
         Ok(Some(self.wt.get_or_init(|| t).clone()))
+    }
+
+    /// The frozen weight's caches for a product of `rows` rows: the packed panels at few rows
+    /// (AVX-512 CPUs, f32), else the contiguous `W^T` ([`Linear::frozen_t`]).
+    fn frozen_caches(&self, rows: usize) -> Result<(Option<Tensor>, Option<crate::ops::Panels>)> {
+        if rows <= crate::kernels::MAX_ROWS && crate::kernels::enabled() {
+            if let Param::Frozen(w) = &self.weight {
+                if w.device().is_cpu() && w.dtype() == DType::F32 {
+                    if let Some(p) = self.panels.get() {
+                        return Ok((None, Some(p.clone())));
+                    }
+                    let (n, k) = w.dims2()?;
+                    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+                    let p = std::sync::Arc::new(crate::kernels::Panels::pack_transposed(&wv, n, k));
+                    return Ok((None, Some(self.panels.get_or_init(|| p).clone())));
+                }
+            }
+        }
+        Ok((self.frozen_t()?, None))
     }
 
     pub fn in_dim(&self) -> usize {
@@ -227,11 +251,12 @@ impl Linear {
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();
                 let x2 = x.reshape(((), in_dim))?.contiguous()?;
-                let wt = self.frozen_t()?;
+                let (wt, panels) = self.frozen_caches(x2.dim(0)?)?;
                 let y = crate::ops::lora_linear_t(
                     &x2,
                     w,
                     wt.as_ref(),
+                    panels.as_ref(),
                     l.a.as_tensor(),
                     l.b.as_tensor(),
                     l.scale,
@@ -244,7 +269,11 @@ impl Linear {
             }
         }
         let mut y = match &self.weight {
-            Param::Frozen(w) => frozen_linear_t(x, w, self.frozen_t()?.as_ref(), bias)?,
+            Param::Frozen(w) => {
+                let rows = x.elem_count() / self.in_dim().max(1);
+                let (wt, panels) = self.frozen_caches(rows)?;
+                frozen_linear_t(x, w, wt.as_ref(), panels.as_ref(), bias)?
+            }
             Param::Trainable(w) => {
                 let in_dim = x.dim(candle_core::D::Minus1)?;
                 let mut dims = x.dims().to_vec();

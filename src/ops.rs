@@ -15,15 +15,42 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, 
 /// fine-tuning. Here the product runs inside a custom op (the backend's own matmul, no copy)
 /// whose backward returns only `dL/dx = dL/dy · W`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    frozen_linear_t(x, w, None, b)
+    frozen_linear_t(x, w, None, None, b)
+}
+
+/// A frozen weight's `W^T` packed for the few-rows kernel ([`crate::kernels::Panels`]).
+pub type Panels = std::sync::Arc<crate::kernels::Panels>;
+
+/// `x [m, k] · panels` with the few-rows kernel when it applies (f32, CPU, contiguous, at most
+/// [`crate::kernels::MAX_ROWS`] rows); `None` otherwise.
+fn panel_product(x: &Tensor, panels: &Panels) -> Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let (pk, n) = panels.dims();
+    if k != pk || m > crate::kernels::MAX_ROWS || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let Storage::Cpu(xs) = &*xs else {
+        return Ok(None);
+    };
+    let Some(xv) = contiguous::<f32>(xs, xl) else {
+        return Ok(None);
+    };
+    let mut y = vec![0f32; m * n];
+    if !panels.matmul(&mut y, false, xv, k, m, 1.0) {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
 }
 
 /// [`frozen_linear`] with `wt`, a contiguous copy of `W^T [in, out]`, used for the forward
-/// product when given (the layout the CPU matmul packs fastest); backward reads `w`.
+/// product when given (the layout the CPU matmul packs fastest), and `panels`, `W^T` packed
+/// for the few-rows kernel, used first when given and the rows are few; backward reads `w`.
 pub fn frozen_linear_t(
     x: &Tensor,
     w: &Tensor,
     wt: Option<&Tensor>,
+    panels: Option<&Panels>,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
@@ -41,11 +68,17 @@ pub fn frozen_linear_t(
         x2.apply_op1(FrozenLinear {
             w: w.clone(),
             wt: wt.cloned(),
+            panels: panels.cloned(),
         })?
     } else {
-        match wt {
-            Some(wt) => x2.matmul(wt)?,
-            None => x2.matmul(&w.t()?)?,
+        let few = match panels {
+            Some(p) => panel_product(&x2, p)?,
+            None => None,
+        };
+        match (few, wt) {
+            (Some(y), _) => y,
+            (None, Some(wt)) => x2.matmul(wt)?,
+            (None, None) => x2.matmul(&w.t()?)?,
         }
     };
     let mut out_dims = dims;
@@ -62,6 +95,8 @@ struct FrozenLinear {
     w: Tensor,
     /// `W^T` contiguous, for the forward product (see [`frozen_linear_t`]).
     wt: Option<Tensor>,
+    /// `W^T` packed for the few-rows kernel (see [`frozen_linear_t`]).
+    panels: Option<Panels>,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -71,6 +106,13 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, k) = l.shape().dims2()?;
+        if let (Some(p), Some(x)) = (&self.panels, contiguous::<f32>(s, l)) {
+            let out = p.dims().1;
+            let mut y = vec![0f32; n * out];
+            if p.dims().0 == k && p.matmul(&mut y, false, x, k, n, 1.0) {
+                return Ok((CpuStorage::F32(y), Shape::from((n, out))));
+            }
+        }
         let wt = match &self.wt {
             Some(wt) => wt.clone(),
             None => self.w.t()?,
@@ -196,15 +238,17 @@ pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Ten
 /// CPU and CUDA (on CUDA the scaled branch is one cuBLAS product plus an add kernel, not added
 /// in place); callers use the composite path on other devices.
 pub fn lora_linear(x2: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    lora_linear_t(x2, w, None, a, b, scale)
+    lora_linear_t(x2, w, None, None, a, b, scale)
 }
 
 /// [`lora_linear`] with `wt`, a contiguous copy of `W^T [in, out]`, for the CPU forward product
-/// (the layout the matmul packs fastest); backward reads `w`.
+/// (the layout the matmul packs fastest), and `panels` for it at few rows (see
+/// [`frozen_linear_t`]); backward reads `w`.
 pub fn lora_linear_t(
     x2: &Tensor,
     w: &Tensor,
     wt: Option<&Tensor>,
+    panels: Option<&Panels>,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
@@ -215,6 +259,7 @@ pub fn lora_linear_t(
         LoraLinear {
             w: w.clone(),
             wt: wt.cloned(),
+            panels: panels.cloned(),
             scale,
             h: std::sync::Mutex::new(None),
         },
@@ -225,6 +270,8 @@ struct LoraLinear {
     w: Tensor,
     /// `W^T` contiguous, for the CPU forward product (see [`frozen_linear_t`]).
     wt: Option<Tensor>,
+    /// `W^T` packed for the few-rows kernel (see [`frozen_linear_t`]).
+    panels: Option<Panels>,
     scale: f64,
     /// `x A^T [n, r]` from the CPU forward, which backward needs for `dB` (saves a product).
     h: std::sync::Mutex<Option<CpuStorage>>,
@@ -381,9 +428,24 @@ impl LoraLinear {
             Some(_) => Mat::new(w, k, out)?,
             None => Mat::new(w, out, k)?.t(),
         };
-        let x = Mat::new(x, n, k)?;
         let mut y = vec![T::zero(); n * out];
-        gemm_into(&mut y, false, x, wt, T::one())?;
+        let few = match &self.panels {
+            Some(p) if T::DTYPE == DType::F32 && p.dims() == (k, out) => {
+                // SAFETY: T is f32 (its DTYPE): the same slices, reinterpreted.
+                let (yf, xf) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(y.as_mut_ptr() as *mut f32, y.len()),
+                        std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+                    )
+                };
+                p.matmul(yf, false, xf, k, n, 1.0)
+            }
+            _ => false,
+        };
+        let x = Mat::new(x, n, k)?;
+        if !few {
+            gemm_into(&mut y, false, x, wt, T::one())?;
+        }
         let mut h = vec![T::zero(); n * r];
         gemm_into(&mut h, false, x, Mat::new(a, r, k)?.t(), T::one())?;
         let s = T::from_f64(self.scale);
@@ -674,8 +736,21 @@ mod tests {
         let b = Var::from_tensor(&Tensor::randn(0f32, 1., (out, r), &dev)?)?;
         let s = 1.3;
         let wt = w.t()?.contiguous()?;
-        for wt in [None, Some(&wt)] {
-            let fused = lora_linear_t(x.as_tensor(), &w, wt, a.as_tensor(), b.as_tensor(), s)?;
+        // 37 rows: the few-rows kernel takes the base product when given panels (AVX-512 CPUs)
+        let panels: Panels = std::sync::Arc::new(crate::kernels::Panels::pack_transposed(
+            &w.flatten_all()?.to_vec1::<f32>()?,
+            out,
+            k,
+        ));
+        for (wt, panels) in [(None, None), (Some(&wt), None), (None, Some(&panels))] {
+            let fused =
+                lora_linear_t(x.as_tensor(), &w, wt, panels, a.as_tensor(), b.as_tensor(), s)?;
+            // and the frozen linear alone, tracked (custom op) and not
+            for xin in [x.as_tensor().clone(), x.as_tensor().detach()] {
+                let y = frozen_linear_t(&xin, &w, wt, panels, None)?;
+                let d = (y - x.matmul(&w.t()?)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-4, "frozen linear: {d}");
+            }
             let comp = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
             let diff = (&fused - &comp)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "{diff}");

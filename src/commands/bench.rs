@@ -37,6 +37,10 @@ pub enum What {
     Generate(GenArgs),
     /// Real DPO steps on real pairs: s/step, tokens/s, peak RSS and the step-time spread.
     Dpo(DpoArgs),
+    /// Matrix products `[m, k] x [k, n]` (f32): GFLOP/s of candle's matmul (gemm, contiguous
+    /// right-hand side: a frozen weight's cached W^T) beside align's few-rows kernel (the same
+    /// matrix packed in 64-column panels), at each row count.
+    Matmul(MatmulArgs),
     /// (internal) one mode in this process; prints a JSON line.
     #[command(hide = true)]
     TrainOne(TrainArgs),
@@ -139,6 +143,78 @@ pub struct DpoArgs {
     pub dev: DeviceArgs,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+pub struct MatmulArgs {
+    /// Row counts `m` to time.
+    #[arg(long, num_args = 1.., default_values_t = [1usize, 2, 4, 8, 16, 32, 48, 64, 96])]
+    pub rows: Vec<usize>,
+    /// Shapes `KxN` of the right-hand side (default: SmolLM2-135M's q/o, k/v, gate/up and
+    /// down projections and its LM head).
+    #[arg(long, num_args = 1.., default_values_t = ["576x576".to_string(), "576x192".into(),
+        "576x1536".into(), "1536x576".into(), "576x49152".into()])]
+    pub shapes: Vec<String>,
+    /// Seconds to spend on each measurement (repeats until reached; the best repeat counts).
+    #[arg(long, default_value_t = 0.3)]
+    pub seconds: f64,
+}
+
+fn matmul_table(a: MatmulArgs) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    println!(
+        "f32, {} threads, few-rows kernel {}",
+        rayon_threads(),
+        if crate::kernels::enabled() {
+            "on (AVX-512)"
+        } else {
+            "unavailable here: both columns are gemm"
+        }
+    );
+    println!("| k x n | m | gemm GFLOP/s | align kernel GFLOP/s | kernel / gemm |");
+    println!("|---|---:|---:|---:|---:|");
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let (mut best, start) = (f64::INFINITY, Instant::now());
+        while start.elapsed().as_secs_f64() < a.seconds {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let mut rng = StdRng::seed_from_u64(0);
+    for shape in &a.shapes {
+        let (k, n) = shape
+            .split_once('x')
+            .and_then(|(k, n)| Some((k.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+            .with_context(|| format!("--shapes: {shape:?} is not KxN"))?;
+        let wv: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let wt = Tensor::from_vec(wv.clone(), (k, n), &Device::Cpu)?;
+        let panels = crate::kernels::Panels::pack(&wv, k, n);
+        for &m in &a.rows {
+            let xv: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu)?;
+            let flops = 2.0 * (m * k * n) as f64 / 1e9;
+            let g = time(&mut || {
+                x.matmul(&wt)?;
+                Ok(())
+            })?;
+            let mut y = vec![0f32; m * n];
+            let mut ran = true;
+            let kt = time(&mut || {
+                ran &= panels.matmul(&mut y, false, &xv, k, m, 1.0);
+                Ok(())
+            })?;
+            let (kg, ratio) = if ran {
+                (format!("{:.1}", flops / kt), format!("{:.2}", g / kt))
+            } else {
+                ("—".into(), "—".into())
+            };
+            println!("| {k} x {n} | {m} | {:.1} | {kg} | {ratio} |", flops / g);
+        }
+    }
+    Ok(())
+}
+
 fn random_model(size_name: &str, vocab: usize, max_pos: usize) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("align-bench-{size_name}-{}", std::process::id()));
     let s = size(size_name).with_context(|| format!("unknown --size {size_name}"))?;
@@ -206,6 +282,7 @@ pub fn run(args: Args) -> Result<()> {
         What::Train(a) => train_table(a),
         What::Generate(a) => generate_table(a),
         What::Dpo(a) => dpo_bench(a),
+        What::Matmul(a) => matmul_table(a),
         What::TrainOne(a) => train_one(a),
     }
 }

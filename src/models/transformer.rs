@@ -187,17 +187,97 @@ pub struct Layer {
     pub ff: FeedForward,
 }
 
-/// Per-layer key/value cache for generation.
+/// Per-layer keys and values `[B, kv_heads, S, head_dim]` of the positions seen so far.
+///
+/// Made with [`KvCache::new`], each forward appends by concatenation: a new tensor per step that
+/// stays on the autograd graph (prefix sharing in training backpropagates through it). Made with
+/// [`KvCache::with_capacity`] (generation, no gradients), each layer owns a buffer of
+/// `capacity` positions that new keys and values are written into in place, and `kv` holds views
+/// of its first `S` positions: no copy of the whole cache per decoded token.
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     pub kv: Vec<Option<(Tensor, Tensor)>>,
+    bufs: Vec<Option<(Tensor, Tensor)>>,
+    capacity: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             kv: vec![None; num_layers],
+            bufs: Vec::new(),
+            capacity: 0,
         }
+    }
+
+    /// A cache written in place into buffers of `capacity` positions (grown if exceeded). Its
+    /// keys and values carry no gradient: for generation only.
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
+        KvCache {
+            kv: vec![None; num_layers],
+            bufs: vec![None; num_layers],
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Keep only the batch rows `sel` (indices into the current batch), in order.
+    pub fn select_rows(&mut self, sel: &Tensor) -> candle_core::Result<()> {
+        for i in 0..self.kv.len() {
+            let Some((k, v)) = self.kv[i].take() else {
+                continue;
+            };
+            match self.bufs.get_mut(i).and_then(|b| b.take()) {
+                Some((bk, bv)) => {
+                    let len = k.dim(2)?;
+                    let (bk, bv) = (bk.index_select(sel, 0)?, bv.index_select(sel, 0)?);
+                    self.kv[i] = Some((bk.narrow(2, 0, len)?, bv.narrow(2, 0, len)?));
+                    self.bufs[i] = Some((bk, bv));
+                }
+                None => self.kv[i] = Some((k.index_select(sel, 0)?, v.index_select(sel, 0)?)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Append this step's keys and values `[B, kv_heads, T, head_dim]` (contiguous) to layer
+    /// `i`; returns all of them so far.
+    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.capacity == 0 {
+            let (k, v) = match &self.kv[i] {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                None => (k, v),
+            };
+            self.kv[i] = Some((k.clone(), v.clone()));
+            return Ok((k, v));
+        }
+        let (b, kvh, t, d) = k.dims4()?;
+        let past = match &self.kv[i] {
+            Some((pk, _)) => pk.dim(2)?,
+            None => 0,
+        };
+        let need = past + t;
+        let fits = match &self.bufs[i] {
+            Some((bk, _)) => bk.dim(0)? == b && bk.dim(2)? >= need,
+            None => false,
+        };
+        if !fits {
+            let cap = self.capacity.max(need);
+            let bk = Tensor::zeros((b, kvh, cap, d), k.dtype(), k.device())?;
+            let bv = Tensor::zeros((b, kvh, cap, d), v.dtype(), v.device())?;
+            if let Some((pk, pv)) = &self.kv[i] {
+                bk.slice_set(&pk.contiguous()?, 2, 0)?;
+                bv.slice_set(&pv.contiguous()?, 2, 0)?;
+            }
+            self.bufs[i] = Some((bk, bv));
+        }
+        let Some((bk, bv)) = &self.bufs[i] else {
+            candle_core::bail!("kv cache: layer {i} has no buffer")
+        };
+        bk.slice_set(&k.contiguous()?, 2, past)?;
+        bv.slice_set(&v.contiguous()?, 2, past)?;
+        let (k, v) = (bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?);
+        self.kv[i] = Some((k.clone(), v.clone()));
+        Ok((k, v))
     }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
@@ -219,7 +299,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut KvCache, usize)>,
         fwd: Fwd,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -236,32 +316,29 @@ impl Attention {
             None => k,
         };
         let q = rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let mut k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let mut v = v.transpose(1, 2)?.contiguous()?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let s = k.dim(2)?;
-        let rep = h / kvh;
-        let (k, v) = if rep > 1 {
-            (
-                k.unsqueeze(2)?
-                    .broadcast_as((b, kvh, rep, s, d))?
-                    .reshape((b, h, s, d))?,
-                v.unsqueeze(2)?
-                    .broadcast_as((b, kvh, rep, s, d))?
-                    .reshape((b, h, s, d))?,
-            )
-        } else {
-            (k, v)
+        let k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match cache {
+            Some((c, i)) => c.append(i, k, v)?,
+            None => (k, v),
         };
+        let s = k.dim(2)?;
+        // Grouped-query attention without repeating keys and values: the `rep` query heads
+        // that share a kv head are stacked as rows of one product (head = kv_head · rep + r,
+        // as transformers' repeat_kv), [B, kvh, rep·T, d] × [B, kvh, d, S].
+        let rep = h / kvh;
         let scale = 1.0 / (d as f64).sqrt();
-        let probs = attention_probs(&q.matmul(&k.t()?)?, mask, scale)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        let scores = q
+            .reshape((b, kvh, rep * t, d))?
+            .matmul(&k.t()?)?
+            .reshape((b, h, t, s))?;
+        let probs = attention_probs(&scores, mask, scale)?;
+        let out = probs
+            .reshape((b, kvh, rep * t, s))?
+            .matmul(&v)?
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
         self.o_proj.forward(&out, fwd)
     }
 }
@@ -569,7 +646,7 @@ impl CausalLm {
             .index_select(&ids_b_t.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let slot = cache.as_deref_mut().map(|c| (c, i));
             let h = layer.input_layernorm.forward(&x)?;
             let a = layer.attn.forward(&h, &cos, &sin, mask, slot, fwd)?;
             x = (x + a)?;

@@ -1,0 +1,367 @@
+//! A matrix-product kernel for few rows: `dst [m, n] (+)= beta · lhs [m, k] · rhs [k, n]`, f32,
+//! with `rhs` a frozen weight packed once into [`Panels`], on x86-64 CPUs with AVX-512.
+//!
+//! Decoding multiplies a handful of rows (one per sequence in the batch) by every weight matrix.
+//! The gemm crate packs both operands into panels before its microkernel runs, which at 1–64
+//! rows costs about as much as the product itself (its microkernel then reaches about half of
+//! what a BLAS does at 32 rows; docs/benchmarks.md). Here `rhs` is packed once, when the weight
+//! is first used this way: each 64-column strip streams through once per group of 6 rows (from
+//! L2 after the first), against 24 accumulator registers, with the `lhs` element broadcast. The sum over `k` runs in order, one fused multiply-add per term, so a row's
+//! result does not depend on the batch it is in.
+//!
+//! [`Panels::matmul`] returns `false` when it does not apply (no AVX-512, too many rows) and
+//! the caller uses gemm.
+
+/// The most rows [`Panels::matmul`] takes; above it gemm's own packing pays for itself
+/// (`align bench matmul`, docs/benchmarks.md).
+pub const MAX_ROWS: usize = 48;
+
+/// Columns per strip of [`Panels`].
+const NR: usize = 64;
+
+/// A frozen `[k, n]` right-hand side (a weight's `W^T`) packed as strips of 64 columns, each
+/// strip `[k, 64]` contiguous (the last padded with zeros), so that the kernel streams it
+/// sequentially: row-major `W^T` would be read 256 bytes at a time at a stride of `4n` bytes,
+/// a new page every row, which defeats the hardware prefetcher (the kernel on row-major `W^T`
+/// measured 0.5–0.9× of this on SmolLM2's shapes at 16–48 rows).
+#[derive(Debug)]
+pub struct Panels {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl Panels {
+    /// Pack `rhs [k, n]` (row-major, contiguous).
+    pub fn pack(rhs: &[f32], k: usize, n: usize) -> Self {
+        let strips = n.div_ceil(NR);
+        let mut data = vec![0f32; strips * k * NR];
+        if rhs.len() >= k * n {
+            for s in 0..strips {
+                let (j0, cols) = (s * NR, (n - s * NR).min(NR));
+                for p in 0..k {
+                    data[(s * k + p) * NR..][..cols].copy_from_slice(&rhs[p * n + j0..][..cols]);
+                }
+            }
+        }
+        Panels { data, k, n }
+    }
+
+    /// Pack `W^T` of a weight `w [n, k]` (row-major, contiguous): the panels of `x W^T`.
+    pub fn pack_transposed(w: &[f32], n: usize, k: usize) -> Self {
+        let strips = n.div_ceil(NR);
+        let mut data = vec![0f32; strips * k * NR];
+        if w.len() >= k * n {
+            for j in 0..n {
+                let (s, c) = (j / NR, j % NR);
+                let row = &w[j * k..][..k];
+                for (p, &v) in row.iter().enumerate() {
+                    data[(s * k + p) * NR + c] = v;
+                }
+            }
+        }
+        Panels { data, k, n }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// `dst [m, n] := (dst if accumulate) + beta · lhs [m, k] · self`, `lhs` with row stride
+    /// `lrs`, `dst` contiguous. Returns `false` (nothing written) when the kernel does not
+    /// apply here: no AVX-512, more than [`MAX_ROWS`] rows, or mismatched extents.
+    pub fn matmul(
+        &self,
+        dst: &mut [f32],
+        accumulate: bool,
+        lhs: &[f32],
+        lrs: usize,
+        m: usize,
+        beta: f32,
+    ) -> bool {
+        let (k, n) = (self.k, self.n);
+        if m == 0 || m > MAX_ROWS || n == 0 || k == 0 || !enabled() {
+            return false;
+        }
+        if dst.len() != m * n || lrs < k || lhs.len() < (m - 1) * lrs + k {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx512::matmul(dst, accumulate, lhs, lrs, &self.data, (m, k, n), beta);
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (accumulate, beta);
+            false
+        }
+    }
+}
+
+/// Whether the kernel runs here: an AVX-512 CPU, and not switched off with `ALIGN_NO_FUSED=1`
+/// (which restores candle's own kernels everywhere).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        cpu && crate::fused::enabled()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    use super::NR;
+    /// Rows per register block: 6 × 4 accumulators + 4 loads + 1 broadcast of 32 registers.
+    const MR: usize = 6;
+
+    #[derive(Clone, Copy)]
+    struct Ptr(*mut f32);
+    // SAFETY: the strips written through it are disjoint column ranges of `dst` (see `matmul`).
+    unsafe impl Send for Ptr {}
+    unsafe impl Sync for Ptr {}
+
+    impl Ptr {
+        /// (A method, so that closures capture the whole `Ptr`, which is `Send`.)
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul(
+        dst: &mut [f32],
+        accumulate: bool,
+        lhs: &[f32],
+        lrs: usize,
+        panels: &[f32],
+        (m, k, n): (usize, usize, usize),
+        beta: f32,
+    ) {
+        let strips = n.div_ceil(NR);
+        // enough pieces to balance the pool, each still a few strips (less scheduling)
+        let threads = rayon::current_num_threads().max(1);
+        let per = strips.div_ceil(threads * 4).max(1);
+        let pieces = strips.div_ceil(per);
+        let out = Ptr(dst.as_mut_ptr());
+        let run = |piece: usize| {
+            for s in piece * per..((piece + 1) * per).min(strips) {
+                let j0 = s * NR;
+                let cols = (n - j0).min(NR);
+                for i0 in (0..m).step_by(MR) {
+                    let rows = (m - i0).min(MR);
+                    // SAFETY: `Panels::matmul` checked the extents of lhs and dst for (m, k, n)
+                    // and `Panels` holds ceil(n/64) strips of k × 64; this block reads rows
+                    // i0..i0+rows of lhs and strip s, and writes that block of dst only (masked
+                    // past `cols`); the CPU has AVX-512F (`enabled`).
+                    unsafe {
+                        let a = lhs.as_ptr().add(i0 * lrs);
+                        let b = panels.as_ptr().add(s * k * NR);
+                        let c = out.get().add(i0 * n + j0);
+                        let blk = Block {
+                            a,
+                            lrs,
+                            b,
+                            c,
+                            n,
+                            k,
+                            cols,
+                            accumulate,
+                            beta,
+                        };
+                        match rows {
+                            1 => block::<1>(blk),
+                            2 => block::<2>(blk),
+                            3 => block::<3>(blk),
+                            4 => block::<4>(blk),
+                            5 => block::<5>(blk),
+                            _ => block::<6>(blk),
+                        }
+                    }
+                }
+            }
+        };
+        if pieces > 1 && threads > 1 {
+            (0..pieces).into_par_iter().for_each(run);
+        } else {
+            (0..pieces).for_each(run);
+        }
+    }
+
+    struct Block {
+        a: *const f32,
+        lrs: usize,
+        /// The strip `[k, 64]`, contiguous.
+        b: *const f32,
+        c: *mut f32,
+        n: usize,
+        k: usize,
+        cols: usize,
+        accumulate: bool,
+        beta: f32,
+    }
+
+    /// One `R × 64` block of dst (fewer columns masked off).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize>(p: Block) {
+        let mut masks = [0u16; 4];
+        for (v, m) in masks.iter_mut().enumerate() {
+            let lanes = p.cols.saturating_sub(v * 16).min(16);
+            *m = if lanes == 16 {
+                0xffff
+            } else {
+                (1u16 << lanes) - 1
+            };
+        }
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        if p.cols == NR {
+            for kk in 0..p.k {
+                let bp = p.b.add(kk * NR);
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                let b2 = _mm512_loadu_ps(bp.add(32));
+                let b3 = _mm512_loadu_ps(bp.add(48));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
+                    acc[0] = _mm512_fmadd_ps(a, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(a, b1, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(a, b2, acc[2]);
+                    acc[3] = _mm512_fmadd_ps(a, b3, acc[3]);
+                }
+            }
+        } else {
+            for kk in 0..p.k {
+                let bp = p.b.add(kk * NR);
+                let b = [
+                    _mm512_maskz_loadu_ps(masks[0], bp),
+                    _mm512_maskz_loadu_ps(masks[1], bp.add(16)),
+                    _mm512_maskz_loadu_ps(masks[2], bp.add(32)),
+                    _mm512_maskz_loadu_ps(masks[3], bp.add(48)),
+                ];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
+                    for v in 0..4 {
+                        acc[v] = _mm512_fmadd_ps(a, b[v], acc[v]);
+                    }
+                }
+            }
+        }
+        let beta = _mm512_set1_ps(p.beta);
+        for (r, acc) in acc.iter().enumerate() {
+            let cp = p.c.add(r * p.n);
+            for (v, &mask) in masks.iter().enumerate() {
+                if mask == 0 {
+                    continue;
+                }
+                let dst = cp.add(v * 16);
+                let mut val = _mm512_mul_ps(acc[v], beta);
+                if p.accumulate {
+                    val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(mask, dst));
+                }
+                _mm512_mask_storeu_ps(dst, mask, val);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(
+        c: &mut [f32],
+        acc: bool,
+        a: &[f32],
+        b: &[f32],
+        (m, k, n): (usize, usize, usize),
+        beta: f32,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+                let v = beta * s as f32;
+                c[i * n + j] = if acc { c[i * n + j] + v } else { v };
+            }
+        }
+    }
+
+    fn rnd(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    #[test]
+    fn matches_a_plain_product_at_every_row_count_and_ragged_columns() {
+        if !enabled() {
+            eprintln!("no AVX-512 here: kernel not exercised");
+            return;
+        }
+        let mut seed = 1u64;
+        for &(k, n) in &[(7, 5), (64, 64), (33, 130), (200, 577)] {
+            let b: Vec<f32> = (0..k * n).map(|_| rnd(&mut seed)).collect();
+            // W [n, k] whose transpose is b: both packings must agree
+            let w: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let (p1, p2) = (Panels::pack(&b, k, n), Panels::pack_transposed(&w, n, k));
+            assert_eq!(p1.data, p2.data, "k={k} n={n}: pack vs pack_transposed");
+            for m in [1, 2, 5, 6, 7, 13, MAX_ROWS] {
+                let a: Vec<f32> = (0..m * k).map(|_| rnd(&mut seed)).collect();
+                let init: Vec<f32> = (0..m * n).map(|_| rnd(&mut seed)).collect();
+                for (acc, beta) in [(false, 1.0), (true, 0.5)] {
+                    let mut want = init.clone();
+                    reference(&mut want, acc, &a, &b, (m, k, n), beta);
+                    let mut got = init.clone();
+                    assert!(p1.matmul(&mut got, acc, &a, k, m, beta));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                            "m={m} k={k} n={n} acc={acc} element {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        if !enabled() {
+            return;
+        }
+        let (k, n) = (96, 200);
+        let a: Vec<f32> = (0..9 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 77.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 61.0).collect();
+        let p = Panels::pack(&b, k, n);
+        let mut all = vec![0f32; 9 * n];
+        assert!(p.matmul(&mut all, false, &a, k, 9, 1.0));
+        for r in 0..9 {
+            let mut one = vec![0f32; n];
+            assert!(p.matmul(&mut one, false, &a[r * k..], k, 1, 1.0));
+            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_cover() {
+        let p = Panels::pack(&[1f32; 16], 4, 4);
+        let a = vec![1f32; (MAX_ROWS + 1) * 4];
+        let mut c = vec![0f32; (MAX_ROWS + 1) * 4];
+        assert!(!p.matmul(&mut c, false, &a, 4, MAX_ROWS + 1, 1.0));
+        let mut c = vec![0f32; 8];
+        // a too-short left-hand side is refused, not read past its end
+        assert!(!p.matmul(&mut c, false, &a[..5], 4, 2, 1.0));
+    }
+}
