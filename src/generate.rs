@@ -178,29 +178,35 @@ fn decode(tok: &TokenizerBundle, ids: &[u32]) -> Result<String> {
         .map_err(|e| Error::Msg(format!("decoding completion: {e}")))
 }
 
-/// Pick the next token from one row of logits. Returns `(token, logp, entropy)`.
-fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (u32, f32, f32) {
+/// Pick the next token from one row of logits, `u01` a uniform draw in [0, 1) (used when
+/// sampling). Returns `(token, logp, entropy)`.
+///
+/// One pass of `exp` gives the log-partition and the entropy (`lse − Σ p·x`). Plain sampling
+/// walks the cumulative distribution in id order. With top-k or top-p it walks the candidates in
+/// descending logit order (ties: lower id first), as transformers' warpers do, but sorts only the
+/// prefix the walk reaches ([`SortedPrefix`]) instead of the whole vocabulary.
+fn sample_row(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f32, f32) {
     let t = if cfg.temperature > 0.0 {
         cfg.temperature
     } else {
         1.0
     };
-    let scaled: Vec<f64> = logits.iter().map(|&x| x as f64 / t).collect();
-    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let sum_exp: f64 = scaled.iter().map(|&x| (x - max).exp()).sum();
-    let lse = max + sum_exp.ln();
-    let entropy: f64 = scaled
+    let sc = |i: usize| logits[i] as f64 / t;
+    let max = logits
         .iter()
-        .map(|&x| {
-            let lp = x - lse;
-            let p = lp.exp();
-            if p > 0.0 {
-                -p * lp
-            } else {
-                0.0
-            }
-        })
-        .sum();
+        .map(|&x| x as f64 / t)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let (mut z_all, mut ex) = (0f64, 0f64);
+    for &x in logits {
+        let s = x as f64 / t;
+        let e = (s - max).exp();
+        if e > 0.0 {
+            z_all += e;
+            ex += e * s;
+        }
+    }
+    let lse = max + z_all.ln();
+    let entropy = (lse - ex / z_all).max(0.0);
     let tok = if cfg.temperature == 0.0 {
         let mut best = 0usize;
         for (i, &x) in logits.iter().enumerate() {
@@ -209,52 +215,112 @@ fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (u32, f
             }
         }
         best
-    } else {
-        // Candidates sorted by logit, descending (stable: lower id first on ties).
-        let mut idx: Vec<usize> = (0..scaled.len()).collect();
-        idx.sort_by(|&a, &b| {
-            scaled[b]
-                .partial_cmp(&scaled[a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        let mut keep = idx.len();
-        if cfg.top_k > 0 && cfg.top_k < keep {
-            // transformers keeps every token whose logit is >= the k-th largest.
-            let kth = scaled[idx[cfg.top_k - 1]];
-            keep = idx.iter().take_while(|&&i| scaled[i] >= kth).count();
+    } else if cfg.top_k == 0 && cfg.top_p >= 1.0 {
+        // no truncation: any fixed order gives the same distribution; id order needs no sort
+        let mut u = u01 * z_all;
+        let mut chosen = None;
+        let mut last = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            let q = (x as f64 / t - max).exp();
+            if q > 0.0 {
+                last = i;
+                if u < q {
+                    chosen = Some(i);
+                    break;
+                }
+                u -= q;
+            }
         }
-        let probs: Vec<f64> = idx[..keep]
-            .iter()
-            .map(|&i| (scaled[i] - max).exp())
-            .collect();
-        let z: f64 = probs.iter().sum();
+        chosen.unwrap_or(last)
+    } else {
+        let n = logits.len();
+        let mut order = SortedPrefix::new(logits);
+        // transformers' top-k keeps every token whose logit is >= the k-th largest
+        let (keep, floor) = if cfg.top_k > 0 && cfg.top_k < n {
+            let kth = sc(order.get(cfg.top_k - 1));
+            (logits.iter().filter(|&&x| x as f64 / t >= kth).count(), kth)
+        } else {
+            (n, f64::NEG_INFINITY)
+        };
+        let p = |i: usize| (sc(i) - max).exp();
+        let mut z = if keep == n {
+            z_all
+        } else {
+            (0..n).filter(|&i| sc(i) >= floor).map(p).sum()
+        };
+        let mut keep = keep;
         if cfg.top_p < 1.0 {
-            // Smallest prefix whose mass reaches top_p (at least one token).
-            let mut cum = 0.0;
-            let mut n = 0;
-            for p in &probs {
-                cum += p / z;
-                n += 1;
+            // the smallest prefix whose mass reaches top_p (at least one token)
+            let (mut cum, mut m, mut zp) = (0.0, 0, 0.0);
+            while m < keep {
+                let q = p(order.get(m));
+                cum += q / z;
+                zp += q;
+                m += 1;
                 if cum >= cfg.top_p {
                     break;
                 }
             }
-            keep = n.max(1);
+            keep = m.max(1);
+            z = zp;
         }
-        let z: f64 = probs[..keep].iter().sum();
-        let mut u = rng.random::<f64>() * z;
-        let mut chosen = idx[keep - 1];
-        for (j, p) in probs[..keep].iter().enumerate() {
-            if u < *p {
-                chosen = idx[j];
+        let mut u = u01 * z;
+        let mut chosen = order.get(keep - 1);
+        for j in 0..keep {
+            let q = p(order.get(j));
+            if u < q {
+                chosen = order.get(j);
                 break;
             }
-            u -= p;
+            u -= q;
         }
         chosen
     };
-    let logp = scaled[tok] - lse;
+    let logp = sc(tok) - lse;
     (tok as u32, logp as f32, entropy as f32)
+}
+
+/// Token ids in descending logit order (ties: lower id first), sorted lazily: the first `len`
+/// are in order, the rest not yet. Asking past `len` selects and sorts a 4× longer prefix
+/// (selection is linear in the vocabulary; the order is total, so longer prefixes extend
+/// shorter ones).
+struct SortedPrefix<'a> {
+    logits: &'a [f32],
+    idx: Vec<u32>,
+    len: usize,
+}
+
+impl<'a> SortedPrefix<'a> {
+    fn new(logits: &'a [f32]) -> Self {
+        SortedPrefix {
+            logits,
+            idx: (0..logits.len() as u32).collect(),
+            len: 0,
+        }
+    }
+
+    fn cmp(logits: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
+        let (x, y) = (logits[a as usize], logits[b as usize]);
+        y.partial_cmp(&x)
+            .unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
+            .then(a.cmp(&b))
+    }
+
+    fn get(&mut self, j: usize) -> usize {
+        if j >= self.len {
+            let n = self.idx.len();
+            let want = (j + 1).max(self.len * 4).max(256).min(n);
+            let logits = self.logits;
+            let tail = &mut self.idx[self.len..];
+            let need = want - self.len;
+            if need < tail.len() {
+                tail.select_nth_unstable_by(need - 1, |&a, &b| Self::cmp(logits, a, b));
+            }
+            tail[..need].sort_unstable_by(|&a, &b| Self::cmp(logits, a, b));
+            self.len = want;
+        }
+        self.idx[j] as usize
+    }
 }
 
 /// Generate one completion per prompt (all in one batch). `pad_id` fills the left padding.
@@ -338,8 +404,22 @@ pub fn generate(
             .to_vec2::<f32>()?;
         let mut keep_rows: Vec<usize> = Vec::with_capacity(n);
         let mut next_tokens: Vec<u32> = Vec::with_capacity(n);
+        // one draw per row, in row order, then the rows in parallel
+        let draws: Vec<f64> = if cfg.temperature > 0.0 {
+            (0..n).map(|_| rng.random::<f64>()).collect()
+        } else {
+            vec![0.0; n]
+        };
+        let picked: Vec<(u32, f32, f32)> = {
+            use rayon::prelude::*;
+            logits
+                .par_iter()
+                .zip(draws.par_iter())
+                .map(|(row, &u)| sample_row(row, cfg, u))
+                .collect()
+        };
         for (r, &orig) in active.iter().enumerate() {
-            let (tok_id, lp, ent) = sample_row(&logits[r], cfg, rng);
+            let (tok_id, lp, ent) = picked[r];
             let g = &mut gen[orig];
             g.0.push(tok_id);
             g.1.push(lp);
@@ -473,6 +553,7 @@ pub fn bench(
     batch_sizes: &[usize],
     prompt_len: usize,
     new_tokens: usize,
+    temperature: f64,
 ) -> Result<Vec<BenchRow>> {
     let policy =
         crate::policy::Policy::load(model_dir, crate::policy::TrainMode::Frozen, dtype, device)?;
@@ -481,7 +562,7 @@ pub fn bench(
     let mut rng = StdRng::seed_from_u64(0);
     let mut cfg = SamplingConfig {
         max_new_tokens: 2,
-        temperature: 0.0,
+        temperature,
         ignore_eos: true,
         ..Default::default()
     };
@@ -510,4 +591,90 @@ pub fn bench(
         });
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampler as first written: full stable sort (id order without truncation), two
+    /// passes of `exp`.
+    fn reference(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f64) {
+        let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
+        let scaled: Vec<f64> = logits.iter().map(|&x| x as f64 / t).collect();
+        let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + scaled.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+        let entropy: f64 = scaled.iter().map(|&x| -(x - lse).exp() * (x - lse)).sum();
+        let mut idx: Vec<usize> = (0..scaled.len()).collect();
+        if cfg.top_k > 0 || cfg.top_p < 1.0 {
+            idx.sort_by(|&a, &b| scaled[b].partial_cmp(&scaled[a]).unwrap());
+        }
+        let mut keep = idx.len();
+        if cfg.top_k > 0 && cfg.top_k < keep {
+            let kth = scaled[idx[cfg.top_k - 1]];
+            keep = idx.iter().take_while(|&&i| scaled[i] >= kth).count();
+        }
+        let probs: Vec<f64> = idx[..keep].iter().map(|&i| (scaled[i] - max).exp()).collect();
+        let z: f64 = probs.iter().sum();
+        if cfg.top_p < 1.0 {
+            let (mut cum, mut n) = (0.0, 0);
+            for p in &probs {
+                cum += p / z;
+                n += 1;
+                if cum >= cfg.top_p {
+                    break;
+                }
+            }
+            keep = n.max(1);
+        }
+        let z: f64 = probs[..keep].iter().sum();
+        let mut u = u01 * z;
+        let mut chosen = idx[keep - 1];
+        for (j, p) in probs[..keep].iter().enumerate() {
+            if u < *p {
+                chosen = idx[j];
+                break;
+            }
+            u -= p;
+        }
+        (chosen as u32, entropy)
+    }
+
+    #[test]
+    fn the_lazy_sampler_picks_what_a_full_sort_picks() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut differ = 0;
+        for case in 0..400 {
+            let n = [5usize, 300, 3000][case % 3];
+            // coarse logits make ties; a wide range makes long tails
+            let logits: Vec<f32> = (0..n)
+                .map(|_| (rng.random_range(-40i32..40) as f32) * [0.05f32, 0.5][case % 2])
+                .collect();
+            let cfg = SamplingConfig {
+                temperature: [1.0, 0.7, 1.3][case % 3],
+                top_k: [0, 1, 3, 50][case % 4],
+                top_p: [1.0, 0.9, 0.3, 0.999][(case / 4) % 4],
+                ..Default::default()
+            };
+            let u = rng.random::<f64>();
+            let (tok, _, ent) = sample_row(&logits, &cfg, u);
+            let (want, want_ent) = reference(&logits, &cfg, u);
+            // the partition sum is added in id order here, in sorted order there: a draw that
+            // lands within rounding of a boundary may pick the neighbour
+            if tok != want {
+                differ += 1;
+                let t = cfg.temperature;
+                assert!(
+                    (logits[tok as usize] as f64 / t - logits[want as usize] as f64 / t).abs()
+                        < 1.0,
+                    "case {case}: {tok} vs {want}"
+                );
+            }
+            assert!(
+                (ent as f64 - want_ent).abs() < 1e-5 * (1.0 + want_ent),
+                "case {case}: entropy {ent} vs {want_ent}"
+            );
+        }
+        assert!(differ <= 2, "{differ} of 400 draws picked another token");
+    }
 }

@@ -341,7 +341,7 @@ fn bench_generation_throughput() {
     )
     .unwrap();
     let rows =
-        align::generate::bench(std::path::Path::new(&dir), &dev, dtype, &[1, 32], 32, 64).unwrap();
+        align::generate::bench(std::path::Path::new(&dir), &dev, dtype, &[1, 32], 32, 64, 0.0).unwrap();
     for r in rows {
         println!("{}", serde_json::to_string(&r).unwrap());
     }

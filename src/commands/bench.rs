@@ -96,6 +96,10 @@ pub struct GenArgs {
     /// New tokens per sequence (EOS ignored).
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    /// Sampling temperature (0 = greedy, as transformers' benchmark script; RL rollouts sample
+    /// at 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -253,14 +257,20 @@ fn generate_table(a: GenArgs) -> Result<()> {
         &a.batch,
         a.prompt_len,
         a.new_tokens,
+        a.temperature,
     )?;
     if a.model.is_none() {
         std::fs::remove_dir_all(&model).ok();
     }
     println!(
-        "generation: prompt {} tokens, {} new tokens, {} ({}){}",
+        "generation: prompt {} tokens, {} new tokens, {}, {} ({}){}",
         a.prompt_len,
         a.new_tokens,
+        if a.temperature > 0.0 {
+            format!("sampled at temperature {}", a.temperature)
+        } else {
+            "greedy".to_string()
+        },
         a.dev.device_name(),
         a.dev.dtype_name(),
         if total > 0 {
