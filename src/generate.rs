@@ -379,6 +379,7 @@ pub fn generate(
     let mut out: Vec<Option<Completion>> = vec![None; b];
     let mut gen: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = vec![Default::default(); b];
     let mut active: Vec<usize> = (0..b).collect();
+    model.pack_for_decoding()?;
     // in-place buffers for every position this call can reach (prompt + new tokens)
     let mut cache = KvCache::with_capacity(
         model.layers.len(),

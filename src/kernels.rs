@@ -12,8 +12,10 @@
 //! [`Panels::matmul`] returns `false` when it does not apply (no AVX-512, too many rows) and
 //! the caller uses gemm.
 
-/// The most rows [`Panels::matmul`] takes; above it gemm's own packing pays for itself
-/// (`align bench matmul`, docs/benchmarks.md).
+/// Products of at most this many rows make a frozen weight pack its panels
+/// ([`crate::lora::Linear`]); [`Panels::matmul`] itself takes any number of rows, in blocks of
+/// this many (per block, each strip is streamed once: 48 rows read a strip from memory and
+/// compute 8 times on it from L2; measured beside gemm with `align bench matmul --cold`).
 pub const MAX_ROWS: usize = 48;
 
 /// Columns per strip of [`Panels`].
@@ -74,7 +76,7 @@ impl Panels {
 
     /// `dst [m, n] := (dst if accumulate) + beta · lhs [m, k] · self`, `lhs` with row stride
     /// `lrs`, `dst` contiguous. Returns `false` (nothing written) when the kernel does not
-    /// apply here: no AVX-512, more than [`MAX_ROWS`] rows, or mismatched extents.
+    /// apply here: no AVX-512, or mismatched extents.
     pub fn matmul(
         &self,
         dst: &mut [f32],
@@ -85,7 +87,7 @@ impl Panels {
         beta: f32,
     ) -> bool {
         let (k, n) = (self.k, self.n);
-        if m == 0 || m > MAX_ROWS || n == 0 || k == 0 || !enabled() {
+        if m == 0 || n == 0 || k == 0 || !enabled() {
             return false;
         }
         if dst.len() != m * n || lrs < k || lhs.len() < (m - 1) * lrs + k {
@@ -93,7 +95,18 @@ impl Panels {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            avx512::matmul(dst, accumulate, lhs, lrs, &self.data, (m, k, n), beta);
+            for r0 in (0..m).step_by(MAX_ROWS) {
+                let rows = (m - r0).min(MAX_ROWS);
+                avx512::matmul(
+                    &mut dst[r0 * n..(r0 + rows) * n],
+                    accumulate,
+                    &lhs[r0 * lrs..],
+                    lrs,
+                    &self.data,
+                    (rows, k, n),
+                    beta,
+                );
+            }
             true
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -150,17 +163,32 @@ mod avx512 {
         beta: f32,
     ) {
         let strips = n.div_ceil(NR);
-        // enough pieces to balance the pool, each still a few strips (less scheduling)
+        // enough pieces to balance the pool (a strip each below 16 per thread)
         let threads = rayon::current_num_threads().max(1);
-        let per = strips.div_ceil(threads * 4).max(1);
+        let per = (strips / (threads * 16)).max(1);
+        // While row groups 1.. of a strip compute from L2, they prefetch the next strip (the
+        // first group of a strip is the one that waits for memory otherwise): group g ≥ 1
+        // covers `lines` cache lines of it per step of k.
+        let groups = m.div_ceil(MR);
+        let lines = if groups > 1 { 4usize.div_ceil(groups - 1) } else { 0 };
         let pieces = strips.div_ceil(per);
         let out = Ptr(dst.as_mut_ptr());
         let run = |piece: usize| {
             for s in piece * per..((piece + 1) * per).min(strips) {
                 let j0 = s * NR;
                 let cols = (n - j0).min(NR);
-                for i0 in (0..m).step_by(MR) {
+                for (g, i0) in (0..m).step_by(MR).enumerate() {
                     let rows = (m - i0).min(MR);
+                    // the next strip's lines [start, start + lines·k) for this group
+                    let start = g.saturating_sub(1) * lines * k;
+                    let pf_lines = if g >= 1 && s + 1 < strips && start < 4 * k {
+                        lines
+                    } else {
+                        0
+                    };
+                    let pf = panels
+                        .as_ptr()
+                        .wrapping_add((s + 1) * k * NR + start * 16);
                     // SAFETY: `Panels::matmul` checked the extents of lhs and dst for (m, k, n)
                     // and `Panels` holds ceil(n/64) strips of k × 64; this block reads rows
                     // i0..i0+rows of lhs and strip s, and writes that block of dst only (masked
@@ -179,6 +207,9 @@ mod avx512 {
                             cols,
                             accumulate,
                             beta,
+                            pf,
+                            pf_lines,
+                            pf_end: panels.as_ptr().wrapping_add(panels.len()),
                         };
                         match rows {
                             1 => block::<1>(blk),
@@ -210,6 +241,11 @@ mod avx512 {
         cols: usize,
         accumulate: bool,
         beta: f32,
+        /// Prefetch `pf_lines` cache lines from `pf + kk·16·pf_lines` per step (not past
+        /// `pf_end`); 0 = none.
+        pf: *const f32,
+        pf_lines: usize,
+        pf_end: *const f32,
     }
 
     /// One `R × 64` block of dst (fewer columns masked off).
@@ -227,6 +263,14 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         if p.cols == NR {
             for kk in 0..p.k {
+                if p.pf_lines > 0 {
+                    for l in 0..p.pf_lines {
+                        let q = p.pf.wrapping_add((kk * p.pf_lines + l) * 16);
+                        if q < p.pf_end {
+                            _mm_prefetch::<_MM_HINT_T1>(q as *const i8);
+                        }
+                    }
+                }
                 let bp = p.b.add(kk * NR);
                 let b0 = _mm512_loadu_ps(bp);
                 let b1 = _mm512_loadu_ps(bp.add(16));
@@ -317,7 +361,7 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let (p1, p2) = (Panels::pack(&b, k, n), Panels::pack_transposed(&w, n, k));
             assert_eq!(p1.data, p2.data, "k={k} n={n}: pack vs pack_transposed");
-            for m in [1, 2, 5, 6, 7, 13, MAX_ROWS] {
+            for m in [1, 2, 5, 6, 7, 13, MAX_ROWS, MAX_ROWS + 7, 3 * MAX_ROWS] {
                 let a: Vec<f32> = (0..m * k).map(|_| rnd(&mut seed)).collect();
                 let init: Vec<f32> = (0..m * n).map(|_| rnd(&mut seed)).collect();
                 for (acc, beta) in [(false, 1.0), (true, 0.5)] {
@@ -358,8 +402,8 @@ mod tests {
     fn refuses_what_it_does_not_cover() {
         let p = Panels::pack(&[1f32; 16], 4, 4);
         let a = vec![1f32; (MAX_ROWS + 1) * 4];
-        let mut c = vec![0f32; (MAX_ROWS + 1) * 4];
-        assert!(!p.matmul(&mut c, false, &a, 4, MAX_ROWS + 1, 1.0));
+        let mut c = vec![0f32; 7];
+        assert!(!p.matmul(&mut c, false, &a, 4, 2, 1.0), "wrong output size");
         let mut c = vec![0f32; 8];
         // a too-short left-hand side is refused, not read past its end
         assert!(!p.matmul(&mut c, false, &a[..5], 4, 2, 1.0));

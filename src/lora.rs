@@ -119,9 +119,11 @@ pub struct Linear {
     /// in docs/benchmarks.md); backward keeps reading `W`, which is already in that layout for
     /// `dx = g W`. Costs one more copy of each frozen matrix.
     wt: std::sync::OnceLock<Tensor>,
-    /// A frozen f32 weight's `W^T` packed for the few-rows kernel, made at the first CPU forward
-    /// of at most [`crate::kernels::MAX_ROWS`] rows (decoding): those products read it instead
-    /// of `wt` (2–4× gemm's speed at 1–48 rows on SmolLM2's shapes, docs/benchmarks.md).
+    /// A frozen f32 weight's `W^T` packed for align's kernel ([`crate::kernels::Panels`]), made
+    /// at the first CPU forward of at most [`crate::kernels::MAX_ROWS`] rows (decoding) or by
+    /// [`Linear::pack_panels`] (generation packs every layer first): once there, every forward
+    /// product reads it instead of `wt` (1.2–2.2× gemm's speed on cold weights at 1–48 rows,
+    /// as fast in 48-row blocks at prefill sizes; docs/benchmarks.md).
     panels: std::sync::OnceLock<crate::ops::Panels>,
 }
 
@@ -176,23 +178,47 @@ impl Linear {
         Ok(Some(self.wt.get_or_init(|| t).clone()))
     }
 
-    /// The frozen weight's caches for a product of `rows` rows: the packed panels at few rows
-    /// (AVX-512 CPUs, f32), else the contiguous `W^T` ([`Linear::frozen_t`]).
+    /// The frozen weight's caches for a product of `rows` rows: the packed panels when they
+    /// exist or the rows are few (AVX-512 CPUs, f32), else the contiguous `W^T`
+    /// ([`Linear::frozen_t`]).
     fn frozen_caches(&self, rows: usize) -> Result<(Option<Tensor>, Option<crate::ops::Panels>)> {
-        if rows <= crate::kernels::MAX_ROWS && crate::kernels::enabled() {
-            if let Param::Frozen(w) = &self.weight {
-                if w.device().is_cpu() && w.dtype() == DType::F32 {
-                    if let Some(p) = self.panels.get() {
-                        return Ok((None, Some(p.clone())));
-                    }
-                    let (n, k) = w.dims2()?;
-                    let wv = w.flatten_all()?.to_vec1::<f32>()?;
-                    let p = std::sync::Arc::new(crate::kernels::Panels::pack_transposed(&wv, n, k));
-                    return Ok((None, Some(self.panels.get_or_init(|| p).clone())));
-                }
+        if let Some(p) = self.panels.get() {
+            return Ok((None, Some(p.clone())));
+        }
+        if rows <= crate::kernels::MAX_ROWS {
+            if let Some(p) = self.pack_panels()? {
+                return Ok((None, Some(p)));
             }
         }
         Ok((self.frozen_t()?, None))
+    }
+
+    /// Pack a frozen CPU f32 weight for align's kernel (once; see the `panels` field); `None`
+    /// where the kernel does not run (no AVX-512, trainable or other weights,
+    /// `ALIGN_NO_FUSED=1`).
+    pub fn pack_panels(&self) -> Result<Option<crate::ops::Panels>> {
+        let Param::Frozen(w) = &self.weight else {
+            return Ok(None);
+        };
+        if !crate::kernels::enabled() || !w.device().is_cpu() || w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        if let Some(p) = self.panels.get() {
+            return Ok(Some(p.clone()));
+        }
+        let (n, k) = w.dims2()?;
+        let (ws, wl) = w.storage_and_layout();
+        let packed = match (&*ws, wl.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(s), Some((a, b))) => {
+                crate::kernels::Panels::pack_transposed(&s.as_slice::<f32>()?[a..b], n, k)
+            }
+            _ => {
+                drop(ws);
+                crate::kernels::Panels::pack_transposed(&w.flatten_all()?.to_vec1::<f32>()?, n, k)
+            }
+        };
+        let p = std::sync::Arc::new(packed);
+        Ok(Some(self.panels.get_or_init(|| p).clone()))
     }
 
     pub fn in_dim(&self) -> usize {

@@ -21,12 +21,12 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 /// A frozen weight's `W^T` packed for the few-rows kernel ([`crate::kernels::Panels`]).
 pub type Panels = std::sync::Arc<crate::kernels::Panels>;
 
-/// `x [m, k] · panels` with the few-rows kernel when it applies (f32, CPU, contiguous, at most
-/// [`crate::kernels::MAX_ROWS`] rows); `None` otherwise.
+/// `x [m, k] · panels` with the panel kernel when it applies (f32, CPU, contiguous); `None`
+/// otherwise.
 fn panel_product(x: &Tensor, panels: &Panels) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let (pk, n) = panels.dims();
-    if k != pk || m > crate::kernels::MAX_ROWS || x.dtype() != DType::F32 {
+    if k != pk || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let (xs, xl) = x.storage_and_layout();
@@ -45,7 +45,7 @@ fn panel_product(x: &Tensor, panels: &Panels) -> Result<Option<Tensor>> {
 
 /// [`frozen_linear`] with `wt`, a contiguous copy of `W^T [in, out]`, used for the forward
 /// product when given (the layout the CPU matmul packs fastest), and `panels`, `W^T` packed
-/// for the few-rows kernel, used first when given and the rows are few; backward reads `w`.
+/// for align's kernel, used instead when given; backward reads `w`.
 pub fn frozen_linear_t(
     x: &Tensor,
     w: &Tensor,

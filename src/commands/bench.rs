@@ -160,13 +160,18 @@ pub struct MatmulArgs {
     /// Seconds to spend on each measurement (repeats until reached; the best repeat counts).
     #[arg(long, default_value_t = 0.3)]
     pub seconds: f64,
+    /// Cold weights, as in decoding: each product reads the next of enough copies of the
+    /// matrix to fill 512 MB, so it comes from memory, not cache.
+    #[arg(long)]
+    pub cold: bool,
 }
 
 fn matmul_table(a: MatmulArgs) -> Result<()> {
     use candle_core::{Device, Tensor};
     println!(
-        "f32, {} threads, few-rows kernel {}",
+        "f32, {} threads, {} weights, few-rows kernel {}",
         rayon_threads(),
+        if a.cold { "cold (from memory)" } else { "hot (one matrix, cached)" },
         if crate::kernels::enabled() {
             "on (AVX-512)"
         } else {
@@ -192,20 +197,32 @@ fn matmul_table(a: MatmulArgs) -> Result<()> {
             .and_then(|(k, n)| Some((k.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
             .with_context(|| format!("--shapes: {shape:?} is not KxN"))?;
         let wv: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let wt = Tensor::from_vec(wv.clone(), (k, n), &Device::Cpu)?;
-        let panels = crate::kernels::Panels::pack(&wv, k, n);
+        let copies = if a.cold {
+            (512 << 20) / (4 * k * n).max(1) + 1
+        } else {
+            1
+        };
+        let wts = (0..copies)
+            .map(|_| Tensor::from_vec(wv.clone(), (k, n), &Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let panels: Vec<_> = (0..copies)
+            .map(|_| crate::kernels::Panels::pack(&wv, k, n))
+            .collect();
+        let mut next = 0usize;
         for &m in &a.rows {
             let xv: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu)?;
             let flops = 2.0 * (m * k * n) as f64 / 1e9;
             let g = time(&mut || {
-                x.matmul(&wt)?;
+                next = (next + 1) % copies;
+                x.matmul(&wts[next])?;
                 Ok(())
             })?;
             let mut y = vec![0f32; m * n];
             let mut ran = true;
             let kt = time(&mut || {
-                ran &= panels.matmul(&mut y, false, &xv, k, m, 1.0);
+                next = (next + 1) % copies;
+                ran &= panels[next].matmul(&mut y, false, &xv, k, m, 1.0);
                 Ok(())
             })?;
             let (kg, ratio) = if ran {

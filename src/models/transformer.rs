@@ -504,6 +504,16 @@ impl CausalLm {
     }
 
     /// Every linear layer, in checkpoint order.
+    /// Pack every frozen linear (and the LM head) for align's matmul kernel before generating:
+    /// the prompt pass then uses the panels too, so no contiguous `W^T` copy is made for it
+    /// ([`Linear::pack_panels`]; nothing happens where the kernel does not run).
+    pub fn pack_for_decoding(&self) -> candle_core::Result<()> {
+        for l in self.linears() {
+            l.pack_panels()?;
+        }
+        Ok(())
+    }
+
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = Vec::new();
         for l in &self.layers {
