@@ -133,6 +133,9 @@ pub struct Args {
     /// Entropy bonus coefficient: loss −= coef · mean token entropy (OpenRLHF; TRL has none) [default: 0].
     #[arg(long, value_parser = finite)]
     pub entropy_coef: Option<f64>,
+    /// At most N held-out prompts of --eval-data per evaluation (one completion each, fixed seed; reports eval_reward, eval_kl, eval_completion_length) [default: 64].
+    #[arg(long)]
+    pub eval_max_prompts: Option<usize>,
 
     #[command(flatten)]
     #[serde(flatten)]

@@ -309,7 +309,7 @@ impl Algorithm for Grpo {
                 },
             )?;
             if let Some(e) = &s.looping.eval_data {
-                eval = Some(eval_prompts(e, &tok, s)?);
+                eval = Some(eval_prompts(e, &tok, s.eval_max_prompts, s.max_prompt_length)?);
             }
             // rank 0 of a data-parallel job writes the log (every rank samples the same rollouts)
             let writer = crate::dist::is_main()
@@ -580,7 +580,7 @@ pub fn score_prompts(
         .with_context(|| format!("loading the tokenizer of {}", start.display()))?;
     let mut s = s.clone();
     s.eval_max_prompts = max;
-    let prompts = eval_prompts(data, &tok, &s)?;
+    let prompts = eval_prompts(data, &tok, s.eval_max_prompts, s.max_prompt_length)?;
     let sampling = SamplingConfig {
         max_new_tokens: s.max_new_tokens,
         temperature: s.temperature,
@@ -651,21 +651,24 @@ pub fn score_prompts(
     Ok(out)
 }
 
-fn eval_prompts(
+/// The held-out prompts of `--eval-data` (GRPO, PPO): the first `max_prompts` in file order,
+/// encoded and cut to their last `max_prompt_length` tokens.
+pub(crate) fn eval_prompts(
     paths: &[PathBuf],
     tok: &TokenizerBundle,
-    s: &GrpoSettings,
+    max_prompts: usize,
+    max_prompt_length: usize,
 ) -> Result<Vec<(PromptRecord, Vec<u32>)>> {
     let src = Source::from_paths(paths).with_context(|| format!("--eval-data {paths:?}"))?;
     let stream = PromptStream::open(&src, StreamOptions::default(), tok.chat_template.as_ref())
         .with_context(|| format!("--eval-data {paths:?}"))?;
     let mut out = Vec::new();
-    for rec in stream.take(s.eval_max_prompts) {
+    for rec in stream.take(max_prompts) {
         let rec = rec?;
         let mut ids = encode_prompt(tok, &rec.prompt, rec.messages.is_some())
             .with_context(|| format!("prompt at {}", rec.source_row))?;
-        if ids.len() > s.max_prompt_length {
-            ids.drain(..ids.len() - s.max_prompt_length);
+        if ids.len() > max_prompt_length {
+            ids.drain(..ids.len() - max_prompt_length);
         }
         out.push((rec, ids));
     }

@@ -57,7 +57,16 @@
 //!   `ppo_epochs × num_mini_batches`): resume regenerates nothing and is exact (prompt cursor,
 //!   KL controller and episode counter in the checkpoint; sampling and mini-batch RNG from
 //!   (seed, step)).
-//! * No evaluation pass (`--eval-data` is refused), no early stopping on KL.
+//! * No early stopping on KL.
+//!
+//! # Evaluation
+//!
+//! `--eval-data PROMPTS` (with `--eval-every`, and always at the end): the first
+//! `--eval-max-prompts` prompts of the file in file order, one completion each at the run's
+//! temperature from a fixed seed (the same at every evaluation, so the curve compares policies),
+//! scored by the training reward before normalisation and clipping (`eval_reward`), with
+//! `eval_kl`, the mean over completions of `Σ_t log π(y_t) − log π_ref(y_t)` (the KL the reward
+//! was bought with), and `eval_completion_length`.
 
 #![allow(non_snake_case)]
 
@@ -132,6 +141,7 @@ pub struct PpoSettings {
     pub num_mini_batches: usize,
     pub critic_warmup_steps: u64,
     pub entropy_coef: f64,
+    pub eval_max_prompts: usize,
 }
 
 impl AlgoSettings for PpoSettings {
@@ -148,7 +158,7 @@ impl AlgoSettings for PpoSettings {
             "kl_coef": 0.05, "kl_estimator": "k1", "kl_target": null, "kl_horizon": 10000.0,
             "gamma": 1.0, "lam": 0.95, "whiten_rewards": false, "cliprange": 0.2,
             "cliprange_value": 0.2, "vf_coef": 0.1, "ppo_epochs": 4, "num_mini_batches": 1,
-            "critic_warmup_steps": 0, "entropy_coef": 0.0,
+            "critic_warmup_steps": 0, "entropy_coef": 0.0, "eval_max_prompts": 64,
         })));
         d
     }
@@ -215,9 +225,7 @@ impl AlgoSettings for PpoSettings {
         if !(0.0..=1.0).contains(&self.lam) {
             errs.push(format!("`lam` must be in [0, 1], got {}", self.lam));
         }
-        if self.looping.eval_data.is_some() {
-            errs.push("`eval_data`: align ppo has no evaluation pass yet".into());
-        }
+        settings::positive_int(errs, "eval_max_prompts", self.eval_max_prompts as u64);
     }
 }
 
@@ -739,9 +747,49 @@ pub struct Ppo {
     pos: usize,
     step: u64,
     gen_metrics: Metrics,
+    /// `--eval-data`: held-out prompts and their token ids.
+    eval: Option<Vec<(align_datasets::PromptRecord, Vec<u32>)>>,
 }
 
 impl Ppo {
+    /// Raw scores of completions: the reward function, or the reward model inside the value
+    /// model (at each sample's last token).
+    fn raw_scores(
+        &mut self,
+        policy: &Policy,
+        inputs: &[RewardInput],
+        samples: &[PpoSample],
+    ) -> Result<Vec<f32>> {
+        if let Some(r) = self.reward.as_mut() {
+            return r.score(inputs);
+        }
+        let chunk = if self.s.gen_batch_size == 0 {
+            samples.len()
+        } else {
+            self.s.gen_batch_size
+        };
+        let mut out = Vec::with_capacity(samples.len());
+        for ch in samples.chunks(chunk.max(1)) {
+            let b = ch.len();
+            let t = ch
+                .iter()
+                .map(|x| x.prompt_ids.len() + x.completion_ids.len())
+                .max()
+                .unwrap_or(1);
+            let mut v = vec![self.pad; b * t];
+            let mut last = Vec::with_capacity(b);
+            for (i, x) in ch.iter().enumerate() {
+                for (j, &id) in x.prompt_ids.iter().chain(&x.completion_ids).enumerate() {
+                    v[i * t + j] = id;
+                }
+                last.push(x.prompt_ids.len() + x.completion_ids.len() - 1);
+            }
+            let ids_B_T = Tensor::from_vec(v, (b, t), policy.device())?;
+            out.extend(self.value.rm_scores(&ids_B_T, &last)?);
+        }
+        Ok(out)
+    }
+
     /// Steps 1–2: sample, score, normalise/penalise/clip.
     fn rollouts(
         &mut self,
@@ -797,47 +845,19 @@ impl Ppo {
                 },
             })
             .collect();
-        let raw: Vec<f32> = match self.reward.as_mut() {
-            Some(r) => {
-                let inputs: Vec<RewardInput> = comps
-                    .iter()
-                    .zip(&recs)
-                    .map(|(c, rec)| RewardInput {
-                        prompt: &rec.prompt,
-                        completion: &c.text,
-                        refs: &rec.refs,
-                    })
-                    .collect();
-                r.score(&inputs).context("scoring the completions")?
-            }
-            None => {
-                let chunk = if s.gen_batch_size == 0 {
-                    samples.len()
-                } else {
-                    s.gen_batch_size
-                };
-                let mut out = Vec::with_capacity(samples.len());
-                for ch in samples.chunks(chunk) {
-                    let b = ch.len();
-                    let t = ch
-                        .iter()
-                        .map(|x| x.prompt_ids.len() + x.completion_ids.len())
-                        .max()
-                        .unwrap_or(1);
-                    let mut v = vec![self.pad; b * t];
-                    let mut last = Vec::with_capacity(b);
-                    for (i, x) in ch.iter().enumerate() {
-                        for (j, &id) in x.prompt_ids.iter().chain(&x.completion_ids).enumerate() {
-                            v[i * t + j] = id;
-                        }
-                        last.push(x.prompt_ids.len() + x.completion_ids.len() - 1);
-                    }
-                    let ids_B_T = Tensor::from_vec(v, (b, t), policy.device())?;
-                    out.extend(self.value.rm_scores(&ids_B_T, &last)?);
-                }
-                out
-            }
-        };
+        let inputs: Vec<RewardInput> = comps
+            .iter()
+            .zip(&recs)
+            .map(|(c, rec)| RewardInput {
+                prompt: &rec.prompt,
+                completion: &c.text,
+                refs: &rec.refs,
+            })
+            .collect();
+        let raw = self
+            .raw_scores(policy, &inputs, &samples)
+            .context("scoring the completions")?;
+        let s = &self.s;
         if raw.len() != samples.len() {
             bail!(
                 "the reward returned {} scores for {} completions",
@@ -917,6 +937,98 @@ impl Ppo {
     }
 }
 
+impl Ppo {
+    fn evaluate_on(
+        &mut self,
+        policy: &Policy,
+        prompts: &[(align_datasets::PromptRecord, Vec<u32>)],
+    ) -> Result<Metrics> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.clone()).collect();
+        // the same seed at every evaluation: the curve compares the policies, not the dice
+        let mut rng = StdRng::seed_from_u64(self.s.looping.seed ^ 0xE7A1_5EED);
+        let comps = generate_chunked(
+            &policy.model,
+            Some(&self.tok),
+            &ids,
+            self.pad,
+            &self.sampling,
+            Fwd::POLICY,
+            &mut rng,
+            self.s.gen_batch_size,
+            |_| {},
+        )?;
+        let samples: Vec<PpoSample> = comps
+            .iter()
+            .zip(&ids)
+            .map(|(c, p)| PpoSample {
+                prompt_ids: p.clone(),
+                completion_ids: if c.ids.is_empty() {
+                    vec![self.tok.eos_id]
+                } else {
+                    c.ids.clone()
+                },
+            })
+            .collect();
+        let inputs: Vec<RewardInput> = comps
+            .iter()
+            .zip(prompts)
+            .map(|(c, (rec, _))| RewardInput {
+                prompt: &rec.prompt,
+                completion: &c.text,
+                refs: &rec.refs,
+            })
+            .collect();
+        let raw = self
+            .raw_scores(policy, &inputs, &samples)
+            .context("scoring the --eval-data completions")?;
+        if raw.len() != samples.len() {
+            bail!(
+                "the reward returned {} scores for {} eval completions",
+                raw.len(),
+                samples.len()
+            );
+        }
+        if let Some((i, r)) = raw.iter().enumerate().find(|(_, r)| !r.is_finite()) {
+            bail!(
+                "eval reward {r} (not finite) for the prompt at {}",
+                prompts[i].0.source_row
+            );
+        }
+        // KL to the reference on the sampled completions (k1, summed over tokens)
+        let cd = crate::ops::compute_dtype(policy.dtype());
+        let refs: Vec<&PpoSample> = samples.iter().collect();
+        let chunk = if self.s.gen_batch_size == 0 {
+            samples.len()
+        } else {
+            self.s.gen_batch_size
+        };
+        let mut kl_sum = 0f64;
+        for ch in refs.chunks(chunk.max(1)) {
+            let rb = response_batch(ch, self.pad, cd, policy.device())?;
+            let t = self.cfg.temperature;
+            let (lp, _) = response_logps(policy, &rb, t, Fwd::POLICY, false)?;
+            let (rp, _) = match &self.reference {
+                Some(r) => response_logps(r, &rb, t, Fwd::REFERENCE, false)?,
+                None => response_logps(policy, &rb, t, Fwd::REFERENCE, false)?,
+            };
+            let d = ((lp.detach() - rp.detach())? * &rb.mask_B_C)?;
+            kl_sum += d.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        let n = samples.len().max(1) as f64;
+        let mut m = Metrics::new();
+        m.insert(
+            "eval_reward".into(),
+            raw.iter().map(|&x| x as f64).sum::<f64>() / n,
+        );
+        m.insert("eval_kl".into(), kl_sum / n);
+        m.insert(
+            "eval_completion_length".into(),
+            comps.iter().map(|c| c.ids.len()).sum::<usize>() as f64 / n,
+        );
+        Ok(m)
+    }
+}
+
 impl Algorithm for Ppo {
     type Settings = PpoSettings;
     const FULL_LR: f64 = FULL_LR;
@@ -927,6 +1039,8 @@ impl Algorithm for Ppo {
         "objective/rlhf_reward",
         "loss/policy_avg",
         "loss/value_avg",
+        "eval_reward",
+        "eval_kl",
     ];
     const HEADLINE: &'static [(&'static str, &'static str)] = &[
         ("score", "objective/scores"),
@@ -1048,6 +1162,15 @@ impl Algorithm for Ppo {
         };
         let per_batch = (s.ppo_epochs * s.num_mini_batches) as u64;
         let steps = s.looping.steps.unwrap_or(100 * per_batch);
+        let eval = match &s.looping.eval_data {
+            Some(e) => Some(super::grpo::eval_prompts(
+                e,
+                &tok,
+                s.eval_max_prompts,
+                s.max_prompt_length,
+            )?),
+            None => None,
+        };
         Ok(Ppo {
             s: s.clone(),
             cfg: PpoConfig::from_settings(s),
@@ -1067,6 +1190,7 @@ impl Algorithm for Ppo {
             pos: 0,
             step: resume_step,
             gen_metrics: Metrics::new(),
+            eval,
         })
     }
 
@@ -1188,8 +1312,13 @@ impl Algorithm for Ppo {
         Ok(())
     }
 
-    fn evaluate(&mut self, _policy: &Policy) -> Result<Option<Metrics>> {
-        Ok(None)
+    fn evaluate(&mut self, policy: &Policy) -> Result<Option<Metrics>> {
+        let Some(prompts) = self.eval.take() else {
+            return Ok(None);
+        };
+        let res = self.evaluate_on(policy, &prompts);
+        self.eval = Some(prompts);
+        res.map(Some)
     }
 
     fn at_boundary(&self) -> bool {
@@ -1219,8 +1348,14 @@ impl Algorithm for Ppo {
         Ok(())
     }
 
-    fn summary(&self, _final_eval: &Metrics) -> Vec<String> {
+    fn summary(&self, final_eval: &Metrics) -> Vec<String> {
         let mut v = Vec::new();
+        if let (Some(r), Some(k)) = (final_eval.get("eval_reward"), final_eval.get("eval_kl")) {
+            v.push(format!(
+                "held-out reward {r:.4} at KL {k:.4} over {} prompts",
+                self.eval.as_ref().map(|e| e.len()).unwrap_or(0)
+            ));
+        }
         if self.stream.skips().total() > 0 {
             v.push(format!("skipped prompt rows: {}", self.stream.skips()));
         }
