@@ -601,7 +601,11 @@ mod tests {
     /// The sampler as first written: full stable sort (id order without truncation), two
     /// passes of `exp`.
     fn reference(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f64) {
-        let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
+        let t = if cfg.temperature > 0.0 {
+            cfg.temperature
+        } else {
+            1.0
+        };
         let scaled: Vec<f64> = logits.iter().map(|&x| x as f64 / t).collect();
         let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = max + scaled.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
@@ -615,7 +619,10 @@ mod tests {
             let kth = scaled[idx[cfg.top_k - 1]];
             keep = idx.iter().take_while(|&&i| scaled[i] >= kth).count();
         }
-        let probs: Vec<f64> = idx[..keep].iter().map(|&i| (scaled[i] - max).exp()).collect();
+        let probs: Vec<f64> = idx[..keep]
+            .iter()
+            .map(|&i| (scaled[i] - max).exp())
+            .collect();
         let z: f64 = probs.iter().sum();
         if cfg.top_p < 1.0 {
             let (mut cum, mut n) = (0.0, 0);

@@ -170,7 +170,11 @@ mod avx512 {
         // first group of a strip is the one that waits for memory otherwise): group g ≥ 1
         // covers `lines` cache lines of it per step of k.
         let groups = m.div_ceil(MR);
-        let lines = if groups > 1 { 4usize.div_ceil(groups - 1) } else { 0 };
+        let lines = if groups > 1 {
+            4usize.div_ceil(groups - 1)
+        } else {
+            0
+        };
         let pieces = strips.div_ceil(per);
         let out = Ptr(dst.as_mut_ptr());
         let run = |piece: usize| {
@@ -186,9 +190,7 @@ mod avx512 {
                     } else {
                         0
                     };
-                    let pf = panels
-                        .as_ptr()
-                        .wrapping_add((s + 1) * k * NR + start * 16);
+                    let pf = panels.as_ptr().wrapping_add((s + 1) * k * NR + start * 16);
                     // SAFETY: `Panels::matmul` checked the extents of lhs and dst for (m, k, n)
                     // and `Panels` holds ceil(n/64) strips of k × 64; this block reads rows
                     // i0..i0+rows of lhs and strip s, and writes that block of dst only (masked
@@ -344,7 +346,9 @@ mod tests {
     }
 
     fn rnd(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     }
 
@@ -386,8 +390,12 @@ mod tests {
             return;
         }
         let (k, n) = (96, 200);
-        let a: Vec<f32> = (0..9 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 77.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 61.0).collect();
+        let a: Vec<f32> = (0..9 * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 77.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 61.0)
+            .collect();
         let p = Panels::pack(&b, k, n);
         let mut all = vec![0f32; 9 * n];
         assert!(p.matmul(&mut all, false, &a, k, 9, 1.0));

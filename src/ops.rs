@@ -743,12 +743,22 @@ mod tests {
             k,
         ));
         for (wt, panels) in [(None, None), (Some(&wt), None), (None, Some(&panels))] {
-            let fused =
-                lora_linear_t(x.as_tensor(), &w, wt, panels, a.as_tensor(), b.as_tensor(), s)?;
+            let fused = lora_linear_t(
+                x.as_tensor(),
+                &w,
+                wt,
+                panels,
+                a.as_tensor(),
+                b.as_tensor(),
+                s,
+            )?;
             // and the frozen linear alone, tracked (custom op) and not
             for xin in [x.as_tensor().clone(), x.as_tensor().detach()] {
                 let y = frozen_linear_t(&xin, &w, wt, panels, None)?;
-                let d = (y - x.matmul(&w.t()?)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let d = (y - x.matmul(&w.t()?)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
                 assert!(d < 1e-4, "frozen linear: {d}");
             }
             let comp = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;

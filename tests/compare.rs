@@ -383,3 +383,102 @@ fn grpo_runs_are_compared_by_heldout_reward() {
         "compare {mean_a} vs the run's eval {last_eval}"
     );
 }
+
+fn ppo(out: &Path) {
+    let prompts = common::fixtures().join("generation/demo_prompts.parquet");
+    let mut cmd = align();
+    cmd.arg("ppo")
+        .arg("--model")
+        .arg(common::fixtures().join("models/llama"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--eval-data")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--reward",
+            "char_fraction",
+            "--chars",
+            "aeiou",
+            "--rank",
+            "2",
+            "--response-length",
+            "6",
+            "--prompts-per-step",
+            "4",
+            "--ppo-epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--steps",
+            "4",
+            "--seed",
+            "5",
+            "--eval-max-prompts",
+            "16",
+            "--gen-batch-size",
+            "8",
+        ]);
+    run_ok(&mut cmd);
+}
+
+/// PPO runs as GRPO's: compare's held-out mean reward with the run's evaluation seed and one
+/// sample per prompt reproduces the run's final `eval_reward`; identical runs are at parity.
+#[test]
+fn ppo_runs_are_compared_by_heldout_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a2) = (dir.path().join("ppo"), dir.path().join("ppo-again"));
+    ppo(&a);
+    ppo(&a2);
+    let out = dir.path().join("cmp");
+    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
+    let (stdout, _) = run_ok(
+        align()
+            .arg("compare")
+            .arg(&a)
+            .arg(&a2)
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--max-items",
+                "16",
+                "--samples",
+                "1",
+                "--seed",
+                &seed,
+                "--batch-size",
+                "8",
+                "--resamples",
+                "500",
+            ]),
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let v = report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["metric"] == "reward")
+        .unwrap_or_else(|| panic!("no reward verdict: {report:#}"))
+        .clone();
+    assert_eq!(v["verdict"]["verdict"], "parity", "{v:#}");
+    assert_eq!(v["diff"]["n"], 16, "{v:#}");
+    assert!(
+        stdout.contains("ppo-again: parity with ppo on reward"),
+        "{stdout}"
+    );
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let last_eval = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| m["eval_reward"].as_f64())
+        .last()
+        .expect("an eval_reward line");
+    assert!(last_eval > 0.05, "{last_eval}");
+    let mean_a = v["diff"]["mean_a"].as_f64().unwrap();
+    assert!(
+        (mean_a - last_eval).abs() < 1e-6,
+        "compare {mean_a} vs the run's eval {last_eval}"
+    );
+}

@@ -340,8 +340,16 @@ fn bench_generation_throughput() {
         &std::env::var("ALIGN_BENCH_DTYPE").unwrap_or_else(|_| "f32".into()),
     )
     .unwrap();
-    let rows =
-        align::generate::bench(std::path::Path::new(&dir), &dev, dtype, &[1, 32], 32, 64, 0.0).unwrap();
+    let rows = align::generate::bench(
+        std::path::Path::new(&dir),
+        &dev,
+        dtype,
+        &[1, 32],
+        32,
+        64,
+        0.0,
+    )
+    .unwrap();
     for r in rows {
         println!("{}", serde_json::to_string(&r).unwrap());
     }

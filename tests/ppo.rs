@@ -372,7 +372,11 @@ fn ppo_evaluates_held_out_prompts_with_reward_and_kl() {
         .into_iter()
         .filter(|m| m.get("eval_reward").is_some())
         .collect();
-    assert_eq!(evals.len(), 2, "one evaluation at step 4 and the final one: {evals:?}");
+    assert_eq!(
+        evals.len(),
+        2,
+        "one evaluation at step 4 and the final one: {evals:?}"
+    );
     for m in &evals {
         for k in ["eval_reward", "eval_kl", "eval_completion_length"] {
             let v = m[k].as_f64().unwrap_or(f64::NAN);
@@ -383,7 +387,11 @@ fn ppo_evaluates_held_out_prompts_with_reward_and_kl() {
         assert!(m["eval_reward"].as_f64().unwrap() != 0.0, "{m}");
     }
     // lr 1e-3 moved the policy away from its reference: the KL is no longer zero
-    assert!(evals[1]["eval_kl"].as_f64().unwrap().abs() > 1e-6, "{:?}", evals[1]);
+    assert!(
+        evals[1]["eval_kl"].as_f64().unwrap().abs() > 1e-6,
+        "{:?}",
+        evals[1]
+    );
 
     // before any update the adapters are zero: the policy is its reference, KL exactly 0, and
     // the same fixed seed gives the same held-out reward in a second run

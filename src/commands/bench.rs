@@ -171,7 +171,11 @@ fn matmul_table(a: MatmulArgs) -> Result<()> {
     println!(
         "f32, {} threads, {} weights, few-rows kernel {}",
         rayon_threads(),
-        if a.cold { "cold (from memory)" } else { "hot (one matrix, cached)" },
+        if a.cold {
+            "cold (from memory)"
+        } else {
+            "hot (one matrix, cached)"
+        },
         if crate::kernels::enabled() {
             "on (AVX-512)"
         } else {

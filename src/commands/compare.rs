@@ -91,6 +91,7 @@ pub enum Algorithm {
     Dpo,
     Sft,
     Grpo,
+    Ppo,
     Other,
 }
 
@@ -100,6 +101,7 @@ impl Algorithm {
             Algorithm::Dpo => "dpo",
             Algorithm::Sft => "sft",
             Algorithm::Grpo => "grpo",
+            Algorithm::Ppo => "ppo",
             Algorithm::Other => "unknown",
         }
     }
@@ -185,6 +187,11 @@ impl Run {
             Algorithm::Grpo => {
                 self.f64("prompts_per_step").unwrap_or(1.0) * self.f64("group_size").unwrap_or(1.0)
             }
+            // one optimizer step per mini-batch of the rollout batch
+            Algorithm::Ppo => {
+                self.f64("prompts_per_step").unwrap_or(1.0)
+                    / self.f64("num_mini_batches").unwrap_or(1.0).max(1.0)
+            }
             _ => self.f64("batch_size").unwrap_or(1.0) * accum,
         }
     }
@@ -210,10 +217,13 @@ pub fn detect_algorithm(s: &Map<String, Value>) -> Algorithm {
         Some("dpo") => return Algorithm::Dpo,
         Some("sft") => return Algorithm::Sft,
         Some("grpo") => return Algorithm::Grpo,
+        Some("ppo") => return Algorithm::Ppo,
         _ => {}
     }
     if s.contains_key("group_size") {
         Algorithm::Grpo
+    } else if s.contains_key("ppo_epochs") {
+        Algorithm::Ppo
     } else if s.contains_key("beta") && s.contains_key("loss") {
         Algorithm::Dpo
     } else if s.contains_key("text_column") || s.contains_key("messages_column") {
@@ -436,7 +446,7 @@ type ItemScores = Vec<f64>;
 fn item_metrics(a: Algorithm) -> &'static [(&'static str, bool)] {
     match a {
         Algorithm::Sft => &[("nll", false)],
-        Algorithm::Grpo => &[("reward", true)],
+        Algorithm::Grpo | Algorithm::Ppo => &[("reward", true)],
         _ => &[("accuracy", true), ("dpo_loss", false)],
     }
 }
@@ -452,8 +462,9 @@ fn score_run(
         Algorithm::Dpo => score_dpo_run(run, args, data, trunc),
         Algorithm::Sft => score_sft_run(run, args, data, trunc),
         Algorithm::Grpo => score_grpo_run(run, args, data),
+        Algorithm::Ppo => score_ppo_run(run, args, data),
         other => bail!(
-            "{}: per-item evaluation is implemented for DPO, SFT and GRPO runs (this run is {}); pass --no-eval to compare curves and settings",
+            "{}: per-item evaluation is implemented for DPO, SFT, GRPO and PPO runs (this run is {}); pass --no-eval to compare curves and settings",
             run.dir.display(),
             other.name()
         ),
@@ -490,6 +501,27 @@ fn score_grpo_run(run: &Run, args: &Args, data: &[PathBuf]) -> Result<Vec<(Strin
         serde_json::from_value(Value::Object(run.settings.clone()))
             .with_context(|| format!("{}: settings.json is not a GRPO run's", run.dir.display()))?;
     let scored = crate::train::grpo::score_prompts(
+        &policy,
+        &start,
+        &s,
+        data,
+        args.max_items,
+        args.samples,
+        args.seed,
+        args.batch_size,
+    )?;
+    Ok(scored.into_iter().map(|(k, r)| (k, vec![r])).collect())
+}
+
+/// Scores every held-out prompt under one PPO run's final policy: the mean reward (the run's
+/// rm/ or verifier, before normalisation) of `--samples` completions per prompt at the run's
+/// temperature, from the same seeded random stream for every run; keyed by `file#row`.
+fn score_ppo_run(run: &Run, args: &Args, data: &[PathBuf]) -> Result<Vec<(String, ItemScores)>> {
+    let (policy, start) = final_policy(run, args)?;
+    let s: crate::train::ppo::PpoSettings =
+        serde_json::from_value(Value::Object(run.settings.clone()))
+            .with_context(|| format!("{}: settings.json is not a PPO run's", run.dir.display()))?;
+    let scored = crate::train::ppo::score_prompts(
         &policy,
         &start,
         &s,
@@ -1027,6 +1059,7 @@ fn run_score(run: &Run, scored: Option<f64>) -> Option<f64> {
     };
     match run.algorithm {
         Algorithm::Sft => last("eval_loss").map(|l| -l),
+        Algorithm::Grpo | Algorithm::Ppo => last("eval_reward"),
         _ => last("eval_rewards/accuracies"),
     }
 }
@@ -1040,6 +1073,11 @@ fn best_lrs(
         "held-out accuracy of the final model, scored by compare".to_string()
     } else if runs.iter().any(|r| r.algorithm == Algorithm::Sft) {
         "minus the last eval_loss in metrics.jsonl (higher is better)".to_string()
+    } else if runs
+        .iter()
+        .any(|r| matches!(r.algorithm, Algorithm::Grpo | Algorithm::Ppo))
+    {
+        "the last eval_reward in metrics.jsonl".to_string()
     } else {
         "the last eval_rewards/accuracies in metrics.jsonl".to_string()
     };

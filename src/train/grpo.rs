@@ -309,7 +309,12 @@ impl Algorithm for Grpo {
                 },
             )?;
             if let Some(e) = &s.looping.eval_data {
-                eval = Some(eval_prompts(e, &tok, s.eval_max_prompts, s.max_prompt_length)?);
+                eval = Some(eval_prompts(
+                    e,
+                    &tok,
+                    s.eval_max_prompts,
+                    s.max_prompt_length,
+                )?);
             }
             // rank 0 of a data-parallel job writes the log (every rank samples the same rollouts)
             let writer = crate::dist::is_main()
@@ -560,7 +565,6 @@ impl Algorithm for Grpo {
     }
 }
 
-/// The fixed held-out prompt set: the first `eval_max_prompts` usable prompts in file order.
 /// Held-out scoring of a policy trained by GRPO (used by `align compare`): the first `max`
 /// prompts of `data`, `samples` completions each with the run's own sampling settings and
 /// reward, from an RNG seeded with `seed` (every policy draws from the same random stream);
@@ -604,6 +608,31 @@ pub fn score_prompts(
             dtype: Some(policy.dtype()),
         },
     )?;
+    score_held_out(
+        policy,
+        &tok,
+        &prompts,
+        &sampling,
+        reward.as_mut(),
+        samples,
+        seed,
+        gen_batch_size,
+    )
+}
+
+/// `samples` completions per prompt (`sampling`, from an RNG seeded with `seed`), scored by
+/// `reward`; per prompt, keyed `file#row`, the mean reward (GRPO and PPO held-out scoring).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn score_held_out(
+    policy: &Policy,
+    tok: &TokenizerBundle,
+    prompts: &[(PromptRecord, Vec<u32>)],
+    sampling: &SamplingConfig,
+    reward: &mut dyn RewardFn,
+    samples: usize,
+    seed: u64,
+    gen_batch_size: usize,
+) -> Result<Vec<(String, f64)>> {
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .flat_map(|(_, p)| std::iter::repeat_n(p.clone(), samples.max(1)))
@@ -611,10 +640,10 @@ pub fn score_prompts(
     let mut rng = StdRng::seed_from_u64(seed);
     let comps = generate_chunked(
         &policy.model,
-        Some(&tok),
+        Some(tok),
         &ids,
         tok.pad_id(),
-        &sampling,
+        sampling,
         Fwd::POLICY,
         &mut rng,
         gen_batch_size.max(1),

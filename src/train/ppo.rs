@@ -937,6 +937,65 @@ impl Ppo {
     }
 }
 
+/// Held-out scoring of a policy trained by PPO (used by `align compare`): the first `max`
+/// prompts of `data`, `samples` completions each at the run's temperature and response length,
+/// scored by the run's reward (its rm/ or verifier, before normalisation), from an RNG seeded
+/// with `seed`; per prompt, keyed `file#row`, the mean reward.
+#[allow(clippy::too_many_arguments)]
+pub fn score_prompts(
+    policy: &Policy,
+    start: &Path,
+    s: &PpoSettings,
+    data: &[PathBuf],
+    max: usize,
+    samples: usize,
+    seed: u64,
+    gen_batch_size: usize,
+) -> Result<Vec<(String, f64)>> {
+    let tok = TokenizerBundle::from_dir(start)
+        .with_context(|| format!("loading the tokenizer of {}", start.display()))?;
+    let prompts = super::grpo::eval_prompts(data, &tok, max, s.max_prompt_length)?;
+    let sampling = SamplingConfig {
+        max_new_tokens: s.response_length,
+        temperature: s.temperature,
+        top_p: 1.0,
+        top_k: 0,
+        eos_ids: eos_ids(&policy.model, Some(start), Some(&tok)),
+        stop_strings: Vec::new(),
+        ignore_eos: false,
+    };
+    sampling.validate()?;
+    let spec = match (&s.reward, &s.reward_command, &s.reward_model) {
+        (Some(r), _, _) => r.clone(),
+        (None, Some(_), _) => "command".to_string(),
+        (None, None, Some(_)) => "model".to_string(),
+        (None, None, None) => bail!("the PPO run's settings name no reward and no reward model"),
+    };
+    let mut reward = build_reward(
+        &spec,
+        &RewardOptions {
+            ref_column: s.ref_column.clone(),
+            pattern: s.pattern.clone(),
+            chars: s.chars.clone(),
+            reward_model: s.reward_model.clone(),
+            command: s.reward_command.clone(),
+            command_timeout: Some(s.reward_timeout),
+            device: Some(policy.device().clone()),
+            dtype: Some(policy.dtype()),
+        },
+    )?;
+    super::grpo::score_held_out(
+        policy,
+        &tok,
+        &prompts,
+        &sampling,
+        reward.as_mut(),
+        samples,
+        seed,
+        gen_batch_size,
+    )
+}
+
 impl Ppo {
     fn evaluate_on(
         &mut self,
