@@ -482,3 +482,82 @@ fn ppo_runs_are_compared_by_heldout_reward() {
         "compare {mean_a} vs the run's eval {last_eval}"
     );
 }
+
+fn rm(out: &Path) {
+    let pairs = common::fixtures().join("pairs.parquet");
+    let mut cmd = align();
+    cmd.args(["rm", "--model"])
+        .arg(common::fixtures().join("models/llama"))
+        .arg("--data")
+        .arg(&pairs)
+        .arg("--eval-data")
+        .arg(&pairs)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--rank",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "64",
+            "--max-prompt-length",
+            "32",
+            "--lr",
+            "5e-3",
+            "--seed",
+            "5",
+            "--steps",
+            "6",
+        ]);
+    run_ok(&mut cmd);
+}
+
+/// Reward-model runs are scored pair by pair with their final rm/ (accuracy and loss): on the
+/// run's own eval pairs compare's mean accuracy is the run's final `eval_accuracy`; identical
+/// runs are at parity.
+#[test]
+fn reward_model_runs_are_compared_by_heldout_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a2) = (dir.path().join("rm"), dir.path().join("rm-again"));
+    rm(&a);
+    rm(&a2);
+    let out = dir.path().join("cmp");
+    let pairs = common::fixtures().join("pairs.parquet");
+    let eval_pairs = {
+        let m = std::fs::read_to_string(a.join("settings.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+        v["eval_max_pairs"].as_u64().unwrap().to_string()
+    };
+    let (stdout, _) = run_ok(
+        align()
+            .arg("compare")
+            .arg(&a)
+            .arg(&a2)
+            .arg("--eval-data")
+            .arg(&pairs)
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-items", &eval_pairs, "--resamples", "500"]),
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let v = accuracy_verdict(&report, "rm-again").clone();
+    assert_eq!(v["verdict"]["verdict"], "parity", "{v:#}");
+    assert!(
+        stdout.contains("rm-again: parity with rm on accuracy"),
+        "{stdout}"
+    );
+    let last_eval = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| m["eval_accuracy"].as_f64())
+        .last()
+        .expect("an eval_accuracy line");
+    let mean_a = v["diff"]["mean_a"].as_f64().unwrap();
+    assert!(
+        (mean_a - last_eval).abs() < 1e-9,
+        "compare {mean_a} vs the run's eval {last_eval}"
+    );
+}

@@ -92,6 +92,7 @@ pub enum Algorithm {
     Sft,
     Grpo,
     Ppo,
+    Rm,
     Other,
 }
 
@@ -102,6 +103,7 @@ impl Algorithm {
             Algorithm::Sft => "sft",
             Algorithm::Grpo => "grpo",
             Algorithm::Ppo => "ppo",
+            Algorithm::Rm => "rm",
             Algorithm::Other => "unknown",
         }
     }
@@ -218,12 +220,15 @@ pub fn detect_algorithm(s: &Map<String, Value>) -> Algorithm {
         Some("sft") => return Algorithm::Sft,
         Some("grpo") => return Algorithm::Grpo,
         Some("ppo") => return Algorithm::Ppo,
+        Some("rm") => return Algorithm::Rm,
         _ => {}
     }
     if s.contains_key("group_size") {
         Algorithm::Grpo
     } else if s.contains_key("ppo_epochs") {
         Algorithm::Ppo
+    } else if s.contains_key("center_rewards_coef") {
+        Algorithm::Rm
     } else if s.contains_key("beta") && s.contains_key("loss") {
         Algorithm::Dpo
     } else if s.contains_key("text_column") || s.contains_key("messages_column") {
@@ -447,6 +452,7 @@ fn item_metrics(a: Algorithm) -> &'static [(&'static str, bool)] {
     match a {
         Algorithm::Sft => &[("nll", false)],
         Algorithm::Grpo | Algorithm::Ppo => &[("reward", true)],
+        Algorithm::Rm => &[("accuracy", true), ("rm_loss", false)],
         _ => &[("accuracy", true), ("dpo_loss", false)],
     }
 }
@@ -463,8 +469,9 @@ fn score_run(
         Algorithm::Sft => score_sft_run(run, args, data, trunc),
         Algorithm::Grpo => score_grpo_run(run, args, data),
         Algorithm::Ppo => score_ppo_run(run, args, data),
+        Algorithm::Rm => score_rm_run(run, args, data, trunc),
         other => bail!(
-            "{}: per-item evaluation is implemented for DPO, SFT, GRPO and PPO runs (this run is {}); pass --no-eval to compare curves and settings",
+            "{}: per-item evaluation is implemented for DPO, SFT, GRPO, PPO and reward-model runs (this run is {}); pass --no-eval to compare curves and settings",
             run.dir.display(),
             other.name()
         ),
@@ -511,6 +518,78 @@ fn score_grpo_run(run: &Run, args: &Args, data: &[PathBuf]) -> Result<Vec<(Strin
         args.batch_size,
     )?;
     Ok(scored.into_iter().map(|(k, r)| (k, vec![r])).collect())
+}
+
+/// Scores every held-out pair under one reward-model run's final `rm/` (merged
+/// `*ForSequenceClassification`, LoRA or full): `accuracy` (r_chosen > r_rejected) and
+/// `rm_loss` (`−log σ(r_chosen − r_rejected)`, the training loss without margin), each reward
+/// read at the last non-pad token of prompt + response as in training; keyed by `file#row`.
+fn score_rm_run(
+    run: &Run,
+    args: &Args,
+    data: &[PathBuf],
+    trunc: &TruncationOptions,
+) -> Result<Vec<(String, ItemScores)>> {
+    let device = args.dev.device()?;
+    let dtype = args.dev.dtype()?;
+    let rm = run.dir.join("rm");
+    if !rm.join("config.json").exists() {
+        bail!(
+            "{}: no final {} — did the run finish?",
+            run.dir.display(),
+            rm.display()
+        );
+    }
+    let model =
+        crate::score::ScoreModel::load(&rm, crate::policy::TrainMode::Frozen, dtype, &device)?;
+    let start = resolve_model(run, args.model.as_deref())?;
+    let tok = TokenizerBundle::from_dir(&start)
+        .with_context(|| format!("tokenizer of {}", start.display()))?;
+    let pad = tok.pad_id();
+    let src = align_datasets::Source::from_paths(data).with_context(|| format!("data {data:?}"))?;
+    let mut stream =
+        PreferenceStream::open(&src, StreamOptions::default(), tok.chat_template.as_ref())?;
+    let mut stats = TruncationStats::default();
+    let mut out = Vec::new();
+    while out.len() < args.max_items {
+        let want = args.batch_size.min(args.max_items - out.len());
+        let Some(PairBatch { pairs, rows, .. }) =
+            next_batch(&mut stream, &tok, trunc, &mut stats, want, u64::MAX)?
+        else {
+            break;
+        };
+        let b = pairs.len();
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|p| [p.prompt_ids.as_slice(), p.chosen_ids.as_slice()].concat())
+            .chain(
+                pairs
+                    .iter()
+                    .map(|p| [p.prompt_ids.as_slice(), p.rejected_ids.as_slice()].concat()),
+            )
+            .collect();
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let mut ids = vec![pad; 2 * b * t];
+        let mut at = Vec::with_capacity(2 * b);
+        for (i, q) in seqs.iter().enumerate() {
+            ids[i * t..i * t + q.len()].copy_from_slice(q);
+            at.push(crate::score::last_non_pad(q, pad));
+        }
+        let ids = candle_core::Tensor::from_vec(ids, (2 * b, t), &device)?;
+        let h = model.hidden(&ids, Fwd::REFERENCE)?;
+        let r: Vec<f64> = crate::score::scores_at(&h, &at, model.head.as_tensor())?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
+        for (i, row) in rows.iter().enumerate() {
+            let d = r[i] - r[b + i];
+            let loss = (-d).max(0.0) + (-d.abs()).exp().ln_1p();
+            out.push((
+                format!("{}#{}", row.file.display(), row.row),
+                vec![f64::from(d > 0.0), loss],
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Scores every held-out prompt under one PPO run's final policy: the mean reward (the run's
@@ -1060,6 +1139,7 @@ fn run_score(run: &Run, scored: Option<f64>) -> Option<f64> {
     match run.algorithm {
         Algorithm::Sft => last("eval_loss").map(|l| -l),
         Algorithm::Grpo | Algorithm::Ppo => last("eval_reward"),
+        Algorithm::Rm => last("eval_accuracy"),
         _ => last("eval_rewards/accuracies"),
     }
 }
