@@ -121,9 +121,9 @@ pub struct Linear {
     wt: std::sync::OnceLock<Tensor>,
     /// A frozen f32 weight's `W^T` packed for align's kernel ([`crate::kernels::Panels`]), made
     /// at the first CPU forward of at most [`crate::kernels::MAX_ROWS`] rows (decoding) or by
-    /// [`Linear::pack_panels`] (generation packs every layer first): once there, every forward
-    /// product reads it instead of `wt` (1.2–2.2× gemm's speed on cold weights at 1–48 rows,
-    /// as fast in 48-row blocks at prefill sizes; docs/benchmarks.md).
+    /// [`Linear::pack_panels`] (generation packs every layer first): products of few rows read
+    /// it instead of `wt` (1.2–2.2× gemm's speed on cold weights at 1–48 rows), and so do
+    /// larger ones while no `wt` exists (0.8–1.05× gemm at 256–1024 rows; docs/benchmarks.md).
     panels: std::sync::OnceLock<crate::ops::Panels>,
 }
 
@@ -178,16 +178,19 @@ impl Linear {
         Ok(Some(self.wt.get_or_init(|| t).clone()))
     }
 
-    /// The frozen weight's caches for a product of `rows` rows: the packed panels when they
-    /// exist or the rows are few (AVX-512 CPUs, f32), else the contiguous `W^T`
-    /// ([`Linear::frozen_t`]).
+    /// The frozen weight's caches for a product of `rows` rows: the packed panels at few rows
+    /// (AVX-512 CPUs, f32); at more rows the contiguous `W^T` ([`Linear::frozen_t`]) when it
+    /// exists or no panels do (training), else the panels (a generation's prompt pass, and the
+    /// training that follows generation: one copy of the weight instead of two).
     fn frozen_caches(&self, rows: usize) -> Result<(Option<Tensor>, Option<crate::ops::Panels>)> {
-        if let Some(p) = self.panels.get() {
-            return Ok((None, Some(p.clone())));
-        }
         if rows <= crate::kernels::MAX_ROWS {
             if let Some(p) = self.pack_panels()? {
                 return Ok((None, Some(p)));
+            }
+        }
+        if self.wt.get().is_none() {
+            if let Some(p) = self.panels.get() {
+                return Ok((None, Some(p.clone())));
             }
         }
         Ok((self.frozen_t()?, None))
