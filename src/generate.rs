@@ -340,6 +340,7 @@ pub fn generate(
     }
     let fwd = Fwd {
         train: false,
+        no_grad: true,
         ..fwd
     };
     let b = prompts.len();
@@ -555,9 +556,28 @@ pub fn bench(
     prompt_len: usize,
     new_tokens: usize,
     temperature: f64,
+    lora_rank: usize,
 ) -> Result<Vec<BenchRow>> {
-    let policy =
+    let mut policy =
         crate::policy::Policy::load(model_dir, crate::policy::TrainMode::Frozen, dtype, device)?;
+    // a LoRA policy as GRPO/PPO roll out (fresh adapters: B = 0, the same tokens)
+    let fwd = if lora_rank > 0 {
+        let cfg = crate::lora::LoraConfig {
+            r: lora_rank,
+            alpha: 32.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: crate::lora::ALL_LINEAR
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            seed: 0,
+        };
+        policy.model.add_lora(&cfg)?;
+        Fwd::POLICY
+    } else {
+        Fwd::REFERENCE
+    };
     let model = &policy.model;
     let vocab = model.cfg.vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(0);
@@ -577,10 +597,10 @@ pub fn bench(
             })
             .collect();
         cfg.max_new_tokens = 2;
-        generate(model, None, &prompts, 0, &cfg, Fwd::REFERENCE, &mut rng)?;
+        generate(model, None, &prompts, 0, &cfg, fwd, &mut rng)?;
         cfg.max_new_tokens = new_tokens;
         let t0 = Instant::now();
-        let out = generate(model, None, &prompts, 0, &cfg, Fwd::REFERENCE, &mut rng)?;
+        let out = generate(model, None, &prompts, 0, &cfg, fwd, &mut rng)?;
         let seconds = t0.elapsed().as_secs_f64();
         let n: usize = out.iter().map(|c| c.ids.len()).sum();
         rows.push(BenchRow {

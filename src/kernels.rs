@@ -225,7 +225,9 @@ mod avx512 {
                 }
             }
         };
-        if pieces > 1 && threads > 1 {
+        // a thin product (the LoRA branch's `h Bᵀ`) is cheaper than waking the pool
+        let big = k * n >= 1 << 16 || m * k * n >= 1 << 20;
+        if pieces > 1 && threads > 1 && big {
             (0..pieces).into_par_iter().for_each(run);
         } else {
             (0..pieces).for_each(run);
@@ -319,6 +321,70 @@ mod avx512 {
             }
         }
     }
+}
+
+/// The LoRA branch of a forward, `h = x Aᵀ` then `y += scale · h Bᵀ`, for `x [m, k]`,
+/// `A [r, k]`, `B [n, r]` (all row-major, contiguous), `h [m, r]` written (kept for backward).
+/// At decode sizes gemm's set-up for these two thin products costs more than the arithmetic;
+/// here `h` is `m·r` dot products and `Bᵀ` is packed into panels for [`Panels::matmul`] (run
+/// on the calling thread: too little work to wake the pool). `false` (nothing written) where
+/// the kernel does not run.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_branch(
+    y: &mut [f32],
+    h: &mut [f32],
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> bool {
+    if !enabled() || m == 0 || k == 0 || r == 0 || n == 0 {
+        return false;
+    }
+    if y.len() != m * n || h.len() != m * r || x.len() < m * k || a.len() < r * k || b.len() < n * r
+    {
+        return false;
+    }
+    let row = |(i, hi): (usize, &mut [f32])| {
+        let xi = &x[i * k..(i + 1) * k];
+        for (q, hq) in hi.iter_mut().enumerate() {
+            // SAFETY: `enabled()` checked AVX-512F.
+            *hq = unsafe { dot(xi, &a[q * k..(q + 1) * k]) };
+        }
+    };
+    if m > MAX_ROWS {
+        use rayon::prelude::*;
+        h.par_chunks_mut(r).enumerate().for_each(row);
+    } else {
+        h.chunks_mut(r).enumerate().for_each(row);
+    }
+    let bt = Panels::pack_transposed(&b[..n * r], n, r);
+    bt.matmul(y, true, h, r, m, scale)
+}
+
+/// `Σ aᵢ bᵢ` in 16-lane partial sums (vectorised for AVX-512), then the remainder.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]
@@ -415,5 +481,47 @@ mod tests {
         let mut c = vec![0f32; 8];
         // a too-short left-hand side is refused, not read past its end
         assert!(!p.matmul(&mut c, false, &a[..5], 4, 2, 1.0));
+    }
+
+    #[test]
+    fn the_lora_branch_matches_plain_products() {
+        if !enabled() {
+            return;
+        }
+        let mut seed = 9u64;
+        for &(m, k, r, n) in &[
+            (1, 576, 8, 192),
+            (5, 33, 3, 70),
+            (32, 64, 8, 130),
+            (60, 40, 4, 65),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| rnd(&mut seed)).collect();
+            let a: Vec<f32> = (0..r * k).map(|_| rnd(&mut seed)).collect();
+            let b: Vec<f32> = (0..n * r).map(|_| rnd(&mut seed)).collect();
+            let y0: Vec<f32> = (0..m * n).map(|_| rnd(&mut seed)).collect();
+            let (mut y, mut h) = (y0.clone(), vec![0f32; m * r]);
+            assert!(lora_branch(&mut y, &mut h, &x, &a, &b, (m, k, r, n), 0.7));
+            for i in 0..m {
+                let hw: Vec<f64> = (0..r)
+                    .map(|q| {
+                        (0..k)
+                            .map(|p| x[i * k + p] as f64 * a[q * k + p] as f64)
+                            .sum()
+                    })
+                    .collect();
+                for q in 0..r {
+                    assert!((h[i * r + q] as f64 - hw[q]).abs() < 1e-4, "h {i},{q}");
+                }
+                for j in 0..n {
+                    let d: f64 = (0..r).map(|q| hw[q] * b[j * r + q] as f64).sum();
+                    let want = y0[i * n + j] as f64 + 0.7 * d;
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "y {i},{j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -134,16 +134,22 @@ pub struct Fwd {
     pub adapters: bool,
     /// Training mode: LoRA dropout active.
     pub train: bool,
+    /// Inference (generation): adapters and trainable weights are read detached, so the
+    /// forward builds no autograd graph — otherwise every op of a decode step would record its
+    /// inputs and keep them alive until the step's output is dropped.
+    pub no_grad: bool,
 }
 
 impl Fwd {
     pub const POLICY: Fwd = Fwd {
         adapters: true,
         train: false,
+        no_grad: false,
     };
     pub const REFERENCE: Fwd = Fwd {
         adapters: false,
         train: false,
+        no_grad: false,
     };
 }
 
@@ -281,13 +287,18 @@ impl Linear {
                 *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();
                 let x2 = x.reshape(((), in_dim))?.contiguous()?;
                 let (wt, panels) = self.frozen_caches(x2.dim(0)?)?;
+                let (a, b) = if fwd.no_grad {
+                    (l.a.as_tensor().detach(), l.b.as_tensor().detach())
+                } else {
+                    (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+                };
                 let y = crate::ops::lora_linear_t(
                     &x2,
                     w,
                     wt.as_ref(),
                     panels.as_ref(),
-                    l.a.as_tensor(),
-                    l.b.as_tensor(),
+                    &a,
+                    &b,
                     l.scale,
                 )?
                 .reshape(dims)?;
@@ -307,10 +318,12 @@ impl Linear {
                 let in_dim = x.dim(candle_core::D::Minus1)?;
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();
-                let y = x
-                    .reshape(((), in_dim))?
-                    .matmul(&w.as_tensor().t()?)?
-                    .reshape(dims)?;
+                let w = if fwd.no_grad {
+                    w.as_tensor().detach()
+                } else {
+                    w.as_tensor().clone()
+                };
+                let y = x.reshape(((), in_dim))?.matmul(&w.t()?)?.reshape(dims)?;
                 match bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,

@@ -442,20 +442,35 @@ impl LoraLinear {
             }
             _ => false,
         };
+        let mut h = vec![T::zero(); n * r];
+        // with the base product on the panels, the thin LoRA products too (f32)
+        let branch = few && {
+            // SAFETY: `few` implies T is f32 (its DTYPE): the same slices, reinterpreted.
+            let f =
+                |v: &[T]| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) };
+            let (yf, hf) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(y.as_mut_ptr() as *mut f32, y.len()),
+                    std::slice::from_raw_parts_mut(h.as_mut_ptr() as *mut f32, h.len()),
+                )
+            };
+            crate::kernels::lora_branch(yf, hf, f(x), f(a), f(b), (n, k, r, out), self.scale as f32)
+        };
         let x = Mat::new(x, n, k)?;
         if !few {
             gemm_into(&mut y, false, x, wt, T::one())?;
         }
-        let mut h = vec![T::zero(); n * r];
-        gemm_into(&mut h, false, x, Mat::new(a, r, k)?.t(), T::one())?;
-        let s = T::from_f64(self.scale);
-        gemm_into(
-            &mut y,
-            true,
-            Mat::new(&h, n, r)?,
-            Mat::new(b, out, r)?.t(),
-            s,
-        )?;
+        if !branch {
+            gemm_into(&mut h, false, x, Mat::new(a, r, k)?.t(), T::one())?;
+            let s = T::from_f64(self.scale);
+            gemm_into(
+                &mut y,
+                true,
+                Mat::new(&h, n, r)?,
+                Mat::new(b, out, r)?.t(),
+                s,
+            )?;
+        }
         *self.h.lock().unwrap_or_else(|e| e.into_inner()) = Some(T::to_cpu_storage_owned(h));
         Ok(Some((T::to_cpu_storage_owned(y), Shape::from((n, out)))))
     }

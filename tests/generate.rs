@@ -348,6 +348,7 @@ fn bench_generation_throughput() {
         32,
         64,
         0.0,
+        0,
     )
     .unwrap();
     for r in rows {

@@ -100,6 +100,10 @@ pub struct GenArgs {
     /// at 1).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Generate with a LoRA policy of this rank on every linear layer (fresh adapters, B = 0:
+    /// the same tokens), as GRPO and PPO roll out; 0 = the base model alone.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -279,6 +283,7 @@ fn generate_table(a: GenArgs) -> Result<()> {
         a.prompt_len,
         a.new_tokens,
         a.temperature,
+        a.lora_rank,
     )?;
     if a.model.is_none() {
         std::fs::remove_dir_all(&model).ok();
@@ -291,6 +296,10 @@ fn generate_table(a: GenArgs) -> Result<()> {
             format!("sampled at temperature {}", a.temperature)
         } else {
             "greedy".to_string()
+        } + &if a.lora_rank > 0 {
+            format!(", LoRA r={} policy", a.lora_rank)
+        } else {
+            String::new()
         },
         a.dev.device_name(),
         a.dev.dtype_name(),

@@ -795,6 +795,7 @@ pub fn grpo_micro_loss(
     let fwd = Fwd {
         adapters: true,
         train,
+        no_grad: false,
     };
     let (lp, mask) = completion_logps(policy, &samples, pad, temperature, fwd)?;
     let (b, c) = lp.dims2()?;

@@ -643,6 +643,7 @@ pub fn ppo_micro_loss(
     let fwd = Fwd {
         adapters: true,
         train: true,
+        no_grad: false,
     };
     let (lp, ent) = response_logps(policy, &rb, cfg.temperature, fwd, true)?;
     let vpred = response_values(value, &rb, fwd)?;
