@@ -548,6 +548,7 @@ pub struct BenchRow {
 /// adapters off, after one untimed warm-up run of 2 tokens. The same protocol as
 /// `tests/fixtures/generation/bench_hf_generate.py` (transformers' `generate` with
 /// `min_new_tokens = max_new_tokens`).
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     model_dir: &Path,
     device: &Device,
