@@ -310,7 +310,20 @@ fn terminated_align_kills_the_verifier(signal: &str) {
     let d = tmp.path();
     let err = d.join("stderr.txt");
     let cmd = hanging_verifier(d);
-    let child = align()
+    let mut align_cmd = align();
+    // align keeps a signal ignored that it was started with ignored (as nohup's SIGHUP); a
+    // test tree run in the background of a non-interactive shell inherits SIGINT ignored, so
+    // give the child the default disposition of an interactive start
+    // SAFETY: signal() is async-signal-safe, as pre_exec requires.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        align_cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = align_cmd
         .args(["grpo", "--model", &fx("models/llama"), "--prompts"])
         .arg(fx("generation/demo_prompts.parquet"))
         .args(["--reward", "command", "--reward-command", &cmd])
