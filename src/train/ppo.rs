@@ -229,6 +229,63 @@ impl AlgoSettings for PpoSettings {
     }
 }
 
+impl PpoSettings {
+    /// The rollout sampler: `response_length` tokens at `temperature`, no top-k/top-p, stop at
+    /// EOS (training rollouts, evaluation and `align compare`).
+    fn sampling(&self, eos_ids: Vec<u32>) -> Result<SamplingConfig> {
+        let sampling = SamplingConfig {
+            max_new_tokens: self.response_length,
+            temperature: self.temperature,
+            top_p: 1.0,
+            top_k: 0,
+            eos_ids,
+            stop_strings: Vec::new(),
+            ignore_eos: false,
+        };
+        sampling.validate()?;
+        Ok(sampling)
+    }
+
+    /// The reward function named by `--reward`/`--reward-command` (`None` with only
+    /// `--reward-model`, which training scores with the RM inside the value model).
+    fn reward_fn(&self, device: &Device, dtype: DType) -> Result<Option<Box<dyn RewardFn>>> {
+        let spec = match (&self.reward, &self.reward_command) {
+            (Some(r), _) => r.clone(),
+            (None, Some(_)) => "command".to_string(),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(build_reward(
+            &spec,
+            &RewardOptions {
+                ref_column: self.ref_column.clone(),
+                pattern: self.pattern.clone(),
+                chars: self.chars.clone(),
+                reward_model: self.reward_model.clone(),
+                command: self.reward_command.clone(),
+                command_timeout: Some(self.reward_timeout),
+                device: Some(device.clone()),
+                dtype: Some(dtype),
+            },
+        )?))
+    }
+}
+
+/// Rollouts from sampled completions (an empty completion becomes a lone EOS).
+fn samples_of(comps: &[crate::generate::Completion], ids: &[Vec<u32>], eos: u32) -> Vec<PpoSample> {
+    comps
+        .iter()
+        .zip(ids)
+        .map(|(c, p)| PpoSample {
+            prompt_ids: p.clone(),
+            completion_ids: if c.ids.is_empty() {
+                vec![eos]
+            } else {
+                c.ids.clone()
+            },
+        })
+        .collect()
+}
+
 /// The hyper-parameters of the PPO losses and advantages.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PpoConfig {
@@ -753,6 +810,14 @@ pub struct Ppo {
 }
 
 impl Ppo {
+    /// Samples per no-grad forward: `--gen-batch-size` (0 = all `n` at once).
+    fn forward_chunk(&self, n: usize) -> usize {
+        match self.s.gen_batch_size {
+            0 => n.max(1),
+            g => g,
+        }
+    }
+
     /// Raw scores of completions: the reward function, or the reward model inside the value
     /// model (at each sample's last token).
     fn raw_scores(
@@ -764,13 +829,9 @@ impl Ppo {
         if let Some(r) = self.reward.as_mut() {
             return r.score(inputs);
         }
-        let chunk = if self.s.gen_batch_size == 0 {
-            samples.len()
-        } else {
-            self.s.gen_batch_size
-        };
+        let chunk = self.forward_chunk(samples.len());
         let mut out = Vec::with_capacity(samples.len());
-        for ch in samples.chunks(chunk.max(1)) {
+        for ch in samples.chunks(chunk) {
             let b = ch.len();
             let t = ch
                 .iter()
@@ -834,18 +895,7 @@ impl Ppo {
             |_| {},
         )?;
         let gen_s = t0.elapsed().as_secs_f64();
-        let samples: Vec<PpoSample> = comps
-            .iter()
-            .zip(&ids)
-            .map(|(c, p)| PpoSample {
-                prompt_ids: p.clone(),
-                completion_ids: if c.ids.is_empty() {
-                    vec![self.tok.eos_id]
-                } else {
-                    c.ids.clone()
-                },
-            })
-            .collect();
+        let samples = samples_of(&comps, &ids, self.tok.eos_id);
         let inputs: Vec<RewardInput> = comps
             .iter()
             .zip(&recs)
@@ -956,35 +1006,22 @@ pub fn score_prompts(
     let tok = TokenizerBundle::from_dir(start)
         .with_context(|| format!("loading the tokenizer of {}", start.display()))?;
     let prompts = super::grpo::eval_prompts(data, &tok, max, s.max_prompt_length)?;
-    let sampling = SamplingConfig {
-        max_new_tokens: s.response_length,
-        temperature: s.temperature,
-        top_p: 1.0,
-        top_k: 0,
-        eos_ids: eos_ids(&policy.model, Some(start), Some(&tok)),
-        stop_strings: Vec::new(),
-        ignore_eos: false,
-    };
-    sampling.validate()?;
-    let spec = match (&s.reward, &s.reward_command, &s.reward_model) {
-        (Some(r), _, _) => r.clone(),
-        (None, Some(_), _) => "command".to_string(),
-        (None, None, Some(_)) => "model".to_string(),
-        (None, None, None) => bail!("the PPO run's settings name no reward and no reward model"),
-    };
-    let mut reward = build_reward(
-        &spec,
-        &RewardOptions {
-            ref_column: s.ref_column.clone(),
-            pattern: s.pattern.clone(),
-            chars: s.chars.clone(),
-            reward_model: s.reward_model.clone(),
-            command: s.reward_command.clone(),
-            command_timeout: Some(s.reward_timeout),
-            device: Some(policy.device().clone()),
-            dtype: Some(policy.dtype()),
+    let sampling = s.sampling(eos_ids(&policy.model, Some(start), Some(&tok)))?;
+    let mut reward = match s.reward_fn(policy.device(), policy.dtype())? {
+        Some(r) => r,
+        None => match &s.reward_model {
+            Some(rm) => build_reward(
+                "model",
+                &RewardOptions {
+                    reward_model: Some(rm.clone()),
+                    device: Some(policy.device().clone()),
+                    dtype: Some(policy.dtype()),
+                    ..Default::default()
+                },
+            )?,
+            None => bail!("the PPO run's settings name no reward and no reward model"),
         },
-    )?;
+    };
     super::grpo::score_held_out(
         policy,
         &tok,
@@ -1017,18 +1054,7 @@ impl Ppo {
             self.s.gen_batch_size,
             |_| {},
         )?;
-        let samples: Vec<PpoSample> = comps
-            .iter()
-            .zip(&ids)
-            .map(|(c, p)| PpoSample {
-                prompt_ids: p.clone(),
-                completion_ids: if c.ids.is_empty() {
-                    vec![self.tok.eos_id]
-                } else {
-                    c.ids.clone()
-                },
-            })
-            .collect();
+        let samples = samples_of(&comps, &ids, self.tok.eos_id);
         let inputs: Vec<RewardInput> = comps
             .iter()
             .zip(prompts)
@@ -1057,13 +1083,9 @@ impl Ppo {
         // KL to the reference on the sampled completions (k1, summed over tokens)
         let cd = crate::ops::compute_dtype(policy.dtype());
         let refs: Vec<&PpoSample> = samples.iter().collect();
-        let chunk = if self.s.gen_batch_size == 0 {
-            samples.len()
-        } else {
-            self.s.gen_batch_size
-        };
+        let chunk = self.forward_chunk(samples.len());
         let mut kl_sum = 0f64;
-        for ch in refs.chunks(chunk.max(1)) {
+        for ch in refs.chunks(chunk) {
             let rb = response_batch(ch, self.pad, cd, policy.device())?;
             let t = self.cfg.temperature;
             let (lp, _) = response_logps(policy, &rb, t, Fwd::POLICY, false)?;
@@ -1118,14 +1140,11 @@ impl Algorithm for Ppo {
         let prompts = s.prompts.clone().context(
             "--prompts FILE is required (prompt parquet: `prompt`, messages or `question`)",
         )?;
-        let reward_spec = match (&s.reward, &s.reward_command, &s.reward_model) {
-            (Some(r), _, _) => Some(r.clone()),
-            (None, Some(_), _) => Some("command".to_string()),
-            (None, None, Some(_)) => None,
-            (None, None, None) => bail!(
+        if s.reward.is_none() && s.reward_command.is_none() && s.reward_model.is_none() {
+            bail!(
                 "give --reward-model rm/ (a reward model from `align rm`) or a reward: --reward SPEC or --reward-command CMD"
-            ),
-        };
+            );
+        }
         let value_lora = LoraConfig {
             r: s.lora.rank,
             alpha: s.lora.alpha,
@@ -1162,34 +1181,10 @@ impl Algorithm for Ppo {
         } else {
             None
         };
-        let reward = match reward_spec {
-            Some(spec) => Some(build_reward(
-                &spec,
-                &RewardOptions {
-                    ref_column: s.ref_column.clone(),
-                    pattern: s.pattern.clone(),
-                    chars: s.chars.clone(),
-                    reward_model: s.reward_model.clone(),
-                    command: s.reward_command.clone(),
-                    command_timeout: Some(s.reward_timeout),
-                    device: Some(ctx.device.clone()),
-                    dtype: Some(ctx.dtype),
-                },
-            )?),
-            None => None,
-        };
+        let reward = s.reward_fn(&ctx.device, ctx.dtype)?;
         let tok = TokenizerBundle::from_dir(&model)
             .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
-        let sampling = SamplingConfig {
-            max_new_tokens: s.response_length,
-            temperature: s.temperature,
-            top_p: 1.0,
-            top_k: 0,
-            eos_ids: eos_ids(&policy.model, Some(&model), Some(&tok)),
-            stop_strings: Vec::new(),
-            ignore_eos: false,
-        };
-        sampling.validate()?;
+        let sampling = s.sampling(eos_ids(&policy.model, Some(&model), Some(&tok)))?;
         let saved: Option<PpoState> = ctx
             .resume
             .as_ref()
