@@ -467,8 +467,8 @@ fn score_run(
     match run.algorithm {
         Algorithm::Dpo => score_dpo_run(run, args, data, trunc),
         Algorithm::Sft => score_sft_run(run, args, data, trunc),
-        Algorithm::Grpo => score_grpo_run(run, args, data),
-        Algorithm::Ppo => score_ppo_run(run, args, data),
+        Algorithm::Grpo => score_rl_run(run, args, data, crate::train::grpo::score_prompts),
+        Algorithm::Ppo => score_rl_run(run, args, data, crate::train::ppo::score_prompts),
         Algorithm::Rm => score_rm_run(run, args, data, trunc),
         other => bail!(
             "{}: per-item evaluation is implemented for DPO, SFT, GRPO, PPO and reward-model runs (this run is {}); pass --no-eval to compare curves and settings",
@@ -497,27 +497,6 @@ fn final_policy(run: &Run, args: &Args) -> Result<(Policy, PathBuf)> {
         load_frozen(&start, Some(&weights), dtype, &device)?.0
     };
     Ok((policy, start))
-}
-
-/// Scores every held-out prompt under one GRPO run's final model: the mean reward of
-/// `--samples` completions per prompt, sampled with the run's own settings and reward from the
-/// same seeded random stream for every run; keyed by `file#row`.
-fn score_grpo_run(run: &Run, args: &Args, data: &[PathBuf]) -> Result<Vec<(String, ItemScores)>> {
-    let (policy, start) = final_policy(run, args)?;
-    let s: crate::train::grpo::GrpoSettings =
-        serde_json::from_value(Value::Object(run.settings.clone()))
-            .with_context(|| format!("{}: settings.json is not a GRPO run's", run.dir.display()))?;
-    let scored = crate::train::grpo::score_prompts(
-        &policy,
-        &start,
-        &s,
-        data,
-        args.max_items,
-        args.samples,
-        args.seed,
-        args.batch_size,
-    )?;
-    Ok(scored.into_iter().map(|(k, r)| (k, vec![r])).collect())
 }
 
 /// Scores every held-out pair under one reward-model run's final `rm/` (merged
@@ -592,15 +571,41 @@ fn score_rm_run(
     Ok(out)
 }
 
-/// Scores every held-out prompt under one PPO run's final policy: the mean reward (the run's
-/// rm/ or verifier, before normalisation) of `--samples` completions per prompt at the run's
-/// temperature, from the same seeded random stream for every run; keyed by `file#row`.
-fn score_ppo_run(run: &Run, args: &Args, data: &[PathBuf]) -> Result<Vec<(String, ItemScores)>> {
+/// Scores every held-out prompt under one RL run's final policy (GRPO, PPO): the mean reward of
+/// `--samples` completions per prompt, sampled with the run's own settings and reward (PPO: its
+/// rm/ or verifier, before normalisation) from the same seeded random stream for every run;
+/// keyed by `file#row`.
+///
+/// `score_prompts` is `grpo::score_prompts` or `ppo::score_prompts`: policy, start model, the
+/// run's settings, prompt files, at most N prompts, completions per prompt, seed, batch size.
+fn score_rl_run<S, F>(
+    run: &Run,
+    args: &Args,
+    data: &[PathBuf],
+    score_prompts: F,
+) -> Result<Vec<(String, ItemScores)>>
+where
+    S: serde::de::DeserializeOwned,
+    F: Fn(
+        &Policy,
+        &Path,
+        &S,
+        &[PathBuf],
+        usize,
+        usize,
+        u64,
+        usize,
+    ) -> crate::error::Result<Vec<(String, f64)>>,
+{
     let (policy, start) = final_policy(run, args)?;
-    let s: crate::train::ppo::PpoSettings =
-        serde_json::from_value(Value::Object(run.settings.clone()))
-            .with_context(|| format!("{}: settings.json is not a PPO run's", run.dir.display()))?;
-    let scored = crate::train::ppo::score_prompts(
+    let s: S = serde_json::from_value(Value::Object(run.settings.clone())).with_context(|| {
+        format!(
+            "{}: settings.json is not a {} run's",
+            run.dir.display(),
+            run.algorithm.name().to_uppercase()
+        )
+    })?;
+    let scored = score_prompts(
         &policy,
         &start,
         &s,
