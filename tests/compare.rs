@@ -561,3 +561,133 @@ fn reward_model_runs_are_compared_by_heldout_accuracy() {
         "compare {mean_a} vs the run's eval {last_eval}"
     );
 }
+
+/// `align sweep grpo`: one run per learning rate and mode, each with its own `--lr` (and
+/// `--full`); a rerun skips the finished points; another grid in the same folder is refused;
+/// `align compare SWEEP` scores every final model on the held-out prompts and names the best
+/// learning rate of each mode — the argmax of the scores, which (with the runs' evaluation
+/// seed and one sample per prompt) are the runs' own final `eval_reward`s — and their ratio.
+#[test]
+fn a_grpo_sweep_runs_each_point_once_and_compare_names_the_best_lrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("sweep");
+    let prompts = common::fixtures().join("generation/demo_prompts.parquet");
+    let grid = |lora: &str, full: &str| {
+        let mut cmd = align();
+        cmd.args(["sweep", "grpo", "--lr", lora, "--full-lr", full, "--out"])
+            .arg(&sweep)
+            .arg("--")
+            .arg("--model")
+            .arg(common::fixtures().join("models/llama"))
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--eval-data")
+            .arg(&prompts)
+            .args([
+                "--reward",
+                "char_fraction",
+                "--chars",
+                "aeiou",
+                "--rank",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--prompts-per-step",
+                "2",
+                "--group-size",
+                "2",
+                "--steps",
+                "3",
+                "--seed",
+                "5",
+                "--eval-max-prompts",
+                "16",
+                "--gen-batch-size",
+                "8",
+            ]);
+        cmd
+    };
+    run_ok(&mut grid("3e-2,1e-4", "1e-3"));
+    let mut last_eval = Vec::new();
+    for (name, lr, full) in [
+        ("lora-lr-3e-2", 3e-2, false),
+        ("lora-lr-1e-4", 1e-4, false),
+        ("full-lr-1e-3", 1e-3, true),
+    ] {
+        let run = sweep.join(name);
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("settings.json")).unwrap()).unwrap();
+        let text = s.to_string();
+        assert!(text.contains(&format!("\"lr\":{lr}")), "{name}: {text}");
+        assert_eq!(
+            run.join(if full { "model" } else { "adapter" }).exists(),
+            true,
+            "{name}"
+        );
+        assert_eq!(run.join("adapter").exists(), !full, "{name}");
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let e = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|m| m["eval_reward"].as_f64())
+            .last()
+            .expect("an eval_reward line");
+        last_eval.push((lr, full, e));
+    }
+    let (_, err) = run_ok(&mut grid("3e-2,1e-4", "1e-3"));
+    assert_eq!(err.matches("finished earlier, skipped").count(), 3, "{err}");
+    let other = grid("3e-2", "1e-3").output().unwrap();
+    assert!(!other.status.success());
+    let msg = String::from_utf8_lossy(&other.stderr);
+    assert!(msg.contains("holds another sweep"), "{msg}");
+
+    let out = dir.path().join("cmp");
+    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
+    let (stdout, _) = run_ok(
+        align()
+            .arg("compare")
+            .arg(&sweep)
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--max-items",
+                "16",
+                "--samples",
+                "1",
+                "--seed",
+                &seed,
+                "--resamples",
+                "200",
+            ]),
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let t = &report["lr_sweep"];
+    assert!(
+        t["score"].as_str().unwrap().contains("held-out reward"),
+        "{t:#}"
+    );
+    let best = |full: bool| {
+        let top = last_eval
+            .iter()
+            .filter(|r| r.1 == full)
+            .map(|r| r.2)
+            .fold(f64::NEG_INFINITY, f64::max);
+        last_eval
+            .iter()
+            .filter(|r| r.1 == full && (r.2 - top).abs() < 1e-9)
+            .map(|r| r.0)
+            .collect::<Vec<_>>()
+    };
+    let (bl, bf) = (
+        t["best_lora_lr"].as_f64().unwrap(),
+        t["best_full_lr"].as_f64().unwrap(),
+    );
+    assert!(best(false).contains(&bl), "{t:#} vs {last_eval:?}");
+    assert_eq!(bf, 1e-3);
+    assert!(
+        (t["ratio"].as_f64().unwrap() - bl / bf).abs() < 1e-12,
+        "{t:#}"
+    );
+    assert!(stdout.contains("best LoRA lr"), "{stdout}");
+}

@@ -1155,7 +1155,14 @@ fn best_lrs(
     scored: &[Option<f64>],
 ) -> LrTable {
     let score = if scored.iter().any(Option::is_some) {
-        "held-out accuracy of the final model, scored by compare".to_string()
+        let (metric, higher) = runs
+            .first()
+            .map(|r| item_metrics(r.algorithm)[0])
+            .unwrap_or(("accuracy", true));
+        format!(
+            "held-out {}{metric} of the final model, scored by compare",
+            if higher { "" } else { "minus the " }
+        )
     } else if runs.iter().any(|r| r.algorithm == Algorithm::Sft) {
         "minus the last eval_loss in metrics.jsonl (higher is better)".to_string()
     } else if runs

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 Flags after `--` are passed to every run, e.g. `-- --steps 60 --eval-every 20`."
 )]
 pub struct Args {
-    /// Training command of every run: dpo or sft.
+    /// Training command of every run: dpo, sft, grpo, ppo or rm.
     pub command: String,
     /// Config file (TOML) every run starts from.
     #[arg(long)]
@@ -65,6 +65,9 @@ impl Sweep {
     }
 }
 
+/// The training commands a sweep can run.
+const COMMANDS: [&str; 5] = ["dpo", "sft", "grpo", "ppo", "rm"];
+
 /// `3e-5` style names that sort and read well.
 fn lr_name(lr: f64) -> String {
     format!("{lr:e}").replace('+', "")
@@ -78,9 +81,10 @@ fn check_lrs(flag: &str, lrs: &[f64]) -> Result<()> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if !["dpo", "sft"].contains(&args.command.as_str()) {
+    if !COMMANDS.contains(&args.command.as_str()) {
         bail!(
-            "align sweep runs dpo or sft, not `{}` (GRPO sweeps: run align grpo per learning rate and compare the folders)",
+            "align sweep runs one of {}, not `{}`",
+            COMMANDS.join(", "),
             args.command
         );
     }
@@ -125,7 +129,12 @@ pub fn run(args: Args) -> Result<()> {
     let n = sweep.points.len();
     for (i, p) in sweep.points.iter().enumerate() {
         let dir = args.out.join(&p.name);
-        let done = dir.join(if p.full { "model" } else { "adapter" });
+        // the final output every command writes last: model/ (full) or adapter/ (LoRA), and rm/
+        let done = dir.join(match (sweep.command.as_str(), p.full) {
+            ("rm", _) => "rm",
+            (_, true) => "model",
+            (_, false) => "adapter",
+        });
         if done.join("config.json").exists() || done.join("adapter_config.json").exists() {
             eprintln!("[{}/{n}] {}: finished earlier, skipped", i + 1, p.name);
             continue;
