@@ -281,19 +281,46 @@ fn sft_runs_are_compared_by_heldout_nll() {
     assert!(stdout.contains("sft ahead of sft-shuffled"), "{stdout}");
 }
 
-fn grpo(out: &Path, extra: &[&str]) {
+/// `align compare RUNS --out OUT` on the first 16 held-out prompts with one sample each from
+/// the small RL runs' evaluation seed (so compare reproduces their final `eval_reward`).
+fn compare_rl(runs: &[&Path], out: &Path) -> (String, serde_json::Value) {
+    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
+    let (stdout, _) = run_ok(
+        align()
+            .arg("compare")
+            .args(runs)
+            .arg("--out")
+            .arg(out)
+            .args([
+                "--max-items",
+                "16",
+                "--samples",
+                "1",
+                "--seed",
+                &seed,
+                "--batch-size",
+                "8",
+                "--resamples",
+                "500",
+            ]),
+    );
+    let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    (stdout, report)
+}
+
+/// The flags of the small GRPO runs below, all but `--out` and `--lr`.
+fn grpo_flags() -> Vec<std::ffi::OsString> {
     let prompts = common::fixtures().join("generation/demo_prompts.parquet");
-    let mut cmd = align();
-    cmd.arg("grpo")
-        .arg("--model")
-        .arg(common::fixtures().join("models/llama"))
-        .arg("--prompts")
-        .arg(&prompts)
-        .arg("--eval-data")
-        .arg(&prompts)
-        .arg("--out")
-        .arg(out)
-        .args([
+    let mut v: Vec<std::ffi::OsString> = vec![
+        "--model".into(),
+        common::fixtures().join("models/llama").into(),
+        "--prompts".into(),
+        prompts.clone().into(),
+        "--eval-data".into(),
+        prompts.into(),
+    ];
+    v.extend(
+        [
             "--reward",
             "char_fraction",
             "--chars",
@@ -306,8 +333,6 @@ fn grpo(out: &Path, extra: &[&str]) {
             "2",
             "--group-size",
             "2",
-            "--lr",
-            "1e-2",
             "--steps",
             "3",
             "--seed",
@@ -316,7 +341,18 @@ fn grpo(out: &Path, extra: &[&str]) {
             "16",
             "--gen-batch-size",
             "8",
-        ])
+        ]
+        .map(Into::into),
+    );
+    v
+}
+
+fn grpo(out: &Path, extra: &[&str]) {
+    let mut cmd = align();
+    cmd.arg("grpo")
+        .args(grpo_flags())
+        .args(["--lr", "1e-2", "--out"])
+        .arg(out)
         .args(extra);
     run_ok(&mut cmd);
 }
@@ -331,29 +367,7 @@ fn grpo_runs_are_compared_by_heldout_reward() {
     grpo(&a, &[]);
     grpo(&a2, &[]);
     let out = dir.path().join("cmp");
-    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
-    let (stdout, _) = run_ok(
-        align()
-            .arg("compare")
-            .arg(&a)
-            .arg(&a2)
-            .arg("--out")
-            .arg(&out)
-            .args([
-                "--max-items",
-                "16",
-                "--samples",
-                "1",
-                "--seed",
-                &seed,
-                "--batch-size",
-                "8",
-                "--resamples",
-                "500",
-            ]),
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let (stdout, report) = compare_rl(&[&a, &a2], &out);
     let v = report["verdicts"]
         .as_array()
         .unwrap()
@@ -432,29 +446,7 @@ fn ppo_runs_are_compared_by_heldout_reward() {
     ppo(&a);
     ppo(&a2);
     let out = dir.path().join("cmp");
-    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
-    let (stdout, _) = run_ok(
-        align()
-            .arg("compare")
-            .arg(&a)
-            .arg(&a2)
-            .arg("--out")
-            .arg(&out)
-            .args([
-                "--max-items",
-                "16",
-                "--samples",
-                "1",
-                "--seed",
-                &seed,
-                "--batch-size",
-                "8",
-                "--resamples",
-                "500",
-            ]),
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let (stdout, report) = compare_rl(&[&a, &a2], &out);
     let v = report["verdicts"]
         .as_array()
         .unwrap()
@@ -571,40 +563,12 @@ fn reward_model_runs_are_compared_by_heldout_accuracy() {
 fn a_grpo_sweep_runs_each_point_once_and_compare_names_the_best_lrs() {
     let dir = tempfile::tempdir().unwrap();
     let sweep = dir.path().join("sweep");
-    let prompts = common::fixtures().join("generation/demo_prompts.parquet");
     let grid = |lora: &str, full: &str| {
         let mut cmd = align();
         cmd.args(["sweep", "grpo", "--lr", lora, "--full-lr", full, "--out"])
             .arg(&sweep)
             .arg("--")
-            .arg("--model")
-            .arg(common::fixtures().join("models/llama"))
-            .arg("--prompts")
-            .arg(&prompts)
-            .arg("--eval-data")
-            .arg(&prompts)
-            .args([
-                "--reward",
-                "char_fraction",
-                "--chars",
-                "aeiou",
-                "--rank",
-                "2",
-                "--max-new-tokens",
-                "6",
-                "--prompts-per-step",
-                "2",
-                "--group-size",
-                "2",
-                "--steps",
-                "3",
-                "--seed",
-                "5",
-                "--eval-max-prompts",
-                "16",
-                "--gen-batch-size",
-                "8",
-            ]);
+            .args(grpo_flags());
         cmd
     };
     run_ok(&mut grid("3e-2,1e-4", "1e-3"));
@@ -642,26 +606,7 @@ fn a_grpo_sweep_runs_each_point_once_and_compare_names_the_best_lrs() {
     assert!(msg.contains("holds another sweep"), "{msg}");
 
     let out = dir.path().join("cmp");
-    let seed = (5u64 ^ 0xE7A1_5EED).to_string();
-    let (stdout, _) = run_ok(
-        align()
-            .arg("compare")
-            .arg(&sweep)
-            .arg("--out")
-            .arg(&out)
-            .args([
-                "--max-items",
-                "16",
-                "--samples",
-                "1",
-                "--seed",
-                &seed,
-                "--resamples",
-                "200",
-            ]),
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let (stdout, report) = compare_rl(&[&sweep], &out);
     let t = &report["lr_sweep"];
     assert!(
         t["score"].as_str().unwrap().contains("held-out reward"),
