@@ -558,6 +558,7 @@ pub fn bench(
     new_tokens: usize,
     temperature: f64,
     lora_rank: usize,
+    decode_bf16: bool,
 ) -> Result<Vec<BenchRow>> {
     let mut policy =
         crate::policy::Policy::load(model_dir, crate::policy::TrainMode::Frozen, dtype, device)?;
@@ -580,6 +581,9 @@ pub fn bench(
         Fwd::REFERENCE
     };
     let model = &policy.model;
+    if decode_bf16 {
+        model.pack_for_decoding_bf16()?;
+    }
     let vocab = model.cfg.vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(0);
     let mut cfg = SamplingConfig {

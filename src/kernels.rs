@@ -28,9 +28,27 @@ const NR: usize = 64;
 /// measured 0.5–0.9× of this on SmolLM2's shapes at 16–48 rows).
 #[derive(Debug)]
 pub struct Panels {
-    data: Vec<f32>,
+    data: Store,
     k: usize,
     n: usize,
+}
+
+/// The panels' elements: f32, or bf16 (the upper 16 bits of the f32, rounded to nearest even),
+/// which halves the bytes a decode step streams; the products still run in f32.
+#[derive(Debug, PartialEq)]
+enum Store {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its 16 bits; NaN stays NaN.
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
 }
 
 impl Panels {
@@ -46,7 +64,11 @@ impl Panels {
                 }
             }
         }
-        Panels { data, k, n }
+        Panels {
+            data: Store::F32(data),
+            k,
+            n,
+        }
     }
 
     /// Pack `W^T` of a weight `w [n, k]` (row-major, contiguous): the panels of `x W^T`.
@@ -62,7 +84,30 @@ impl Panels {
                 }
             }
         }
-        Panels { data, k, n }
+        Panels {
+            data: Store::F32(data),
+            k,
+            n,
+        }
+    }
+
+    /// The same panels with every element rounded to bf16 ([`bf16_bits`]): half the bytes, and
+    /// the product of `x` with the bf16-rounded weight (accumulated in f32).
+    pub fn to_bf16(&self) -> Panels {
+        let data = match &self.data {
+            Store::F32(v) => Store::Bf16(v.iter().map(|&x| bf16_bits(x)).collect()),
+            Store::Bf16(v) => Store::Bf16(v.clone()),
+        };
+        Panels {
+            data,
+            k: self.k,
+            n: self.n,
+        }
+    }
+
+    /// Whether the elements are bf16 ([`Panels::to_bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, Store::Bf16(_))
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -71,7 +116,10 @@ impl Panels {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        match &self.data {
+            Store::F32(v) => v.len() * 4,
+            Store::Bf16(v) => v.len() * 2,
+        }
     }
 
     /// `dst [m, n] := (dst if accumulate) + beta · lhs [m, k] · self`, `lhs` with row stride
@@ -95,6 +143,10 @@ impl Panels {
         }
         #[cfg(target_arch = "x86_64")]
         {
+            let panels = match &self.data {
+                Store::F32(v) => avx512::Strips::F32(v),
+                Store::Bf16(v) => avx512::Strips::Bf16(v),
+            };
             for r0 in (0..m).step_by(MAX_ROWS) {
                 let rows = (m - r0).min(MAX_ROWS);
                 avx512::matmul(
@@ -102,7 +154,7 @@ impl Panels {
                     accumulate,
                     &lhs[r0 * lrs..],
                     lrs,
-                    &self.data,
+                    panels,
                     (rows, k, n),
                     beta,
                 );
@@ -152,16 +204,40 @@ mod avx512 {
         }
     }
 
+    /// The packed strips, by element type.
+    #[derive(Clone, Copy)]
+    pub(super) enum Strips<'a> {
+        F32(&'a [f32]),
+        Bf16(&'a [u16]),
+    }
+
+    impl Strips<'_> {
+        fn base(self) -> *const u8 {
+            match self {
+                Strips::F32(v) => v.as_ptr() as *const u8,
+                Strips::Bf16(v) => v.as_ptr() as *const u8,
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul(
         dst: &mut [f32],
         accumulate: bool,
         lhs: &[f32],
         lrs: usize,
-        panels: &[f32],
+        panels: Strips,
         (m, k, n): (usize, usize, usize),
         beta: f32,
     ) {
+        let (esize, len) = match panels {
+            Strips::F32(v) => (4, v.len()),
+            Strips::Bf16(v) => (2, v.len()),
+        };
+        let bf16 = matches!(panels, Strips::Bf16(_));
+        // cache lines of a strip per step of k (4 for f32, 2 for bf16)
+        let lpk = NR * esize / 64;
+        let strip_bytes = k * NR * esize;
         let strips = n.div_ceil(NR);
         // enough pieces to balance the pool (a strip each below 16 per thread)
         let threads = rayon::current_num_threads().max(1);
@@ -171,13 +247,14 @@ mod avx512 {
         // covers `lines` cache lines of it per step of k.
         let groups = m.div_ceil(MR);
         let lines = if groups > 1 {
-            4usize.div_ceil(groups - 1)
+            lpk.div_ceil(groups - 1)
         } else {
             0
         };
         let pieces = strips.div_ceil(per);
         let out = Ptr(dst.as_mut_ptr());
         let run = |piece: usize| {
+            let base = panels.base();
             for s in piece * per..((piece + 1) * per).min(strips) {
                 let j0 = s * NR;
                 let cols = (n - j0).min(NR);
@@ -185,19 +262,19 @@ mod avx512 {
                     let rows = (m - i0).min(MR);
                     // the next strip's lines [start, start + lines·k) for this group
                     let start = g.saturating_sub(1) * lines * k;
-                    let pf_lines = if g >= 1 && s + 1 < strips && start < 4 * k {
+                    let pf_lines = if g >= 1 && s + 1 < strips && start < lpk * k {
                         lines
                     } else {
                         0
                     };
-                    let pf = panels.as_ptr().wrapping_add((s + 1) * k * NR + start * 16);
+                    let pf = base.wrapping_add((s + 1) * strip_bytes + start * 64);
                     // SAFETY: `Panels::matmul` checked the extents of lhs and dst for (m, k, n)
                     // and `Panels` holds ceil(n/64) strips of k × 64; this block reads rows
                     // i0..i0+rows of lhs and strip s, and writes that block of dst only (masked
                     // past `cols`); the CPU has AVX-512F (`enabled`).
                     unsafe {
                         let a = lhs.as_ptr().add(i0 * lrs);
-                        let b = panels.as_ptr().add(s * k * NR);
+                        let b = base.add(s * strip_bytes);
                         let c = out.get().add(i0 * n + j0);
                         let blk = Block {
                             a,
@@ -211,15 +288,21 @@ mod avx512 {
                             beta,
                             pf,
                             pf_lines,
-                            pf_end: panels.as_ptr().wrapping_add(panels.len()),
+                            pf_end: base.wrapping_add(len * esize),
                         };
-                        match rows {
-                            1 => block::<1>(blk),
-                            2 => block::<2>(blk),
-                            3 => block::<3>(blk),
-                            4 => block::<4>(blk),
-                            5 => block::<5>(blk),
-                            _ => block::<6>(blk),
+                        match (rows, bf16) {
+                            (1, false) => block::<1, false>(blk),
+                            (2, false) => block::<2, false>(blk),
+                            (3, false) => block::<3, false>(blk),
+                            (4, false) => block::<4, false>(blk),
+                            (5, false) => block::<5, false>(blk),
+                            (_, false) => block::<6, false>(blk),
+                            (1, true) => block::<1, true>(blk),
+                            (2, true) => block::<2, true>(blk),
+                            (3, true) => block::<3, true>(blk),
+                            (4, true) => block::<4, true>(blk),
+                            (5, true) => block::<5, true>(blk),
+                            (_, true) => block::<6, true>(blk),
                         }
                     }
                 }
@@ -237,24 +320,37 @@ mod avx512 {
     struct Block {
         a: *const f32,
         lrs: usize,
-        /// The strip `[k, 64]`, contiguous.
-        b: *const f32,
+        /// The strip `[k, 64]`, contiguous (f32 or bf16 elements).
+        b: *const u8,
         c: *mut f32,
         n: usize,
         k: usize,
         cols: usize,
         accumulate: bool,
         beta: f32,
-        /// Prefetch `pf_lines` cache lines from `pf + kk·16·pf_lines` per step (not past
+        /// Prefetch `pf_lines` cache lines from `pf + kk·64·pf_lines` bytes per step (not past
         /// `pf_end`); 0 = none.
-        pf: *const f32,
+        pf: *const u8,
         pf_lines: usize,
-        pf_end: *const f32,
+        pf_end: *const u8,
     }
 
-    /// One `R × 64` block of dst (fewer columns masked off).
+    /// Lanes `16v..16v+16` of row `kk` of a strip, as f32 (a bf16 element is the upper half of
+    /// its f32). The strips are padded to 64 columns, so a full load never reads past them.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize>(p: Block) {
+    unsafe fn lanes<const BF: bool>(b: *const u8, kk: usize, v: usize) -> __m512 {
+        if BF {
+            let h = _mm256_loadu_si256(b.add((kk * NR + v * 16) * 2) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_loadu_ps((b as *const f32).add(kk * NR + v * 16))
+        }
+    }
+
+    /// One `R × 64` block of dst (fewer columns masked off); `BF`: bf16 strips.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const BF: bool>(p: Block) {
         let mut masks = [0u16; 4];
         for (v, m) in masks.iter_mut().enumerate() {
             let lanes = p.cols.saturating_sub(v * 16).min(16);
@@ -269,17 +365,16 @@ mod avx512 {
             for kk in 0..p.k {
                 if p.pf_lines > 0 {
                     for l in 0..p.pf_lines {
-                        let q = p.pf.wrapping_add((kk * p.pf_lines + l) * 16);
+                        let q = p.pf.wrapping_add((kk * p.pf_lines + l) * 64);
                         if q < p.pf_end {
                             _mm_prefetch::<_MM_HINT_T1>(q as *const i8);
                         }
                     }
                 }
-                let bp = p.b.add(kk * NR);
-                let b0 = _mm512_loadu_ps(bp);
-                let b1 = _mm512_loadu_ps(bp.add(16));
-                let b2 = _mm512_loadu_ps(bp.add(32));
-                let b3 = _mm512_loadu_ps(bp.add(48));
+                let b0 = lanes::<BF>(p.b, kk, 0);
+                let b1 = lanes::<BF>(p.b, kk, 1);
+                let b2 = lanes::<BF>(p.b, kk, 2);
+                let b3 = lanes::<BF>(p.b, kk, 3);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
                     acc[0] = _mm512_fmadd_ps(a, b0, acc[0]);
@@ -290,12 +385,12 @@ mod avx512 {
             }
         } else {
             for kk in 0..p.k {
-                let bp = p.b.add(kk * NR);
+                // the padding past `cols` is zeros: full loads, the stores are masked
                 let b = [
-                    _mm512_maskz_loadu_ps(masks[0], bp),
-                    _mm512_maskz_loadu_ps(masks[1], bp.add(16)),
-                    _mm512_maskz_loadu_ps(masks[2], bp.add(32)),
-                    _mm512_maskz_loadu_ps(masks[3], bp.add(48)),
+                    lanes::<BF>(p.b, kk, 0),
+                    lanes::<BF>(p.b, kk, 1),
+                    lanes::<BF>(p.b, kk, 2),
+                    lanes::<BF>(p.b, kk, 3),
                 ];
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
@@ -439,6 +534,57 @@ mod tests {
                     reference(&mut want, acc, &a, &b, (m, k, n), beta);
                     let mut got = init.clone();
                     assert!(p1.matmul(&mut got, acc, &a, k, m, beta));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                            "m={m} k={k} n={n} acc={acc} element {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        for (x, want) in [
+            (1.0f32, 0x3f80u16),
+            (-2.5, 0xc020),
+            // halfway between 0x3f80 and 0x3f81: to the even one
+            (f32::from_bits(0x3f80_8000), 0x3f80),
+            (f32::from_bits(0x3f81_8000), 0x3f82),
+            (f32::from_bits(0x3f80_8001), 0x3f81),
+            (f32::INFINITY, 0x7f80),
+        ] {
+            assert_eq!(bf16_bits(x), want, "{x:e}");
+        }
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+    }
+
+    /// bf16 panels compute the product with the bf16-rounded weight, in f32.
+    #[test]
+    fn bf16_panels_match_the_product_with_rounded_weights() {
+        if !enabled() {
+            return;
+        }
+        let mut seed = 3u64;
+        for &(k, n) in &[(7, 5), (64, 64), (33, 130), (200, 577)] {
+            let b: Vec<f32> = (0..k * n).map(|_| rnd(&mut seed)).collect();
+            let rounded: Vec<f32> = b
+                .iter()
+                .map(|&x| f32::from_bits((bf16_bits(x) as u32) << 16))
+                .collect();
+            let p = Panels::pack(&b, k, n).to_bf16();
+            assert!(p.is_bf16());
+            assert_eq!(p.bytes(), Panels::pack(&b, k, n).bytes() / 2);
+            for m in [1, 6, 7, MAX_ROWS + 3] {
+                let a: Vec<f32> = (0..m * k).map(|_| rnd(&mut seed)).collect();
+                let init: Vec<f32> = (0..m * n).map(|_| rnd(&mut seed)).collect();
+                for (acc, beta) in [(false, 1.0), (true, 0.5)] {
+                    let mut want = init.clone();
+                    reference(&mut want, acc, &a, &rounded, (m, k, n), beta);
+                    let mut got = init.clone();
+                    assert!(p.matmul(&mut got, acc, &a, k, m, beta));
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),

@@ -187,15 +187,22 @@ impl Linear {
     /// The frozen weight's caches for a product of `rows` rows: the packed panels at few rows
     /// (AVX-512 CPUs, f32); at more rows the contiguous `W^T` ([`Linear::frozen_t`]) when it
     /// exists or no panels do (training), else the panels (a generation's prompt pass, and the
-    /// training that follows generation: one copy of the weight instead of two).
-    fn frozen_caches(&self, rows: usize) -> Result<(Option<Tensor>, Option<crate::ops::Panels>)> {
+    /// training that follows generation: one copy of the weight instead of two). bf16 panels
+    /// ([`Linear::pack_panels_bf16`]) serve `no_grad` forwards (generation) only: every other
+    /// forward reads the f32 weight.
+    fn frozen_caches(
+        &self,
+        rows: usize,
+        no_grad: bool,
+    ) -> Result<(Option<Tensor>, Option<crate::ops::Panels>)> {
+        let usable = |p: &crate::ops::Panels| no_grad || !p.is_bf16();
         if rows <= crate::kernels::MAX_ROWS {
-            if let Some(p) = self.pack_panels()? {
+            if let Some(p) = self.pack_panels()?.filter(usable) {
                 return Ok((None, Some(p)));
             }
         }
         if self.wt.get().is_none() {
-            if let Some(p) = self.panels.get() {
+            if let Some(p) = self.panels.get().filter(|p| usable(p)) {
                 return Ok((None, Some(p.clone())));
             }
         }
@@ -206,18 +213,42 @@ impl Linear {
     /// where the kernel does not run (no AVX-512, trainable or other weights,
     /// `ALIGN_NO_FUSED=1`).
     pub fn pack_panels(&self) -> Result<Option<crate::ops::Panels>> {
+        self.cached_panels(false)
+    }
+
+    /// [`Linear::pack_panels`] with the elements rounded to bf16 (half the bytes a decode step
+    /// reads; products still in f32), for generation only (see [`Linear::frozen_caches`]).
+    /// Panels packed earlier stay as they are.
+    pub fn pack_panels_bf16(&self) -> Result<Option<crate::ops::Panels>> {
+        self.cached_panels(true)
+    }
+
+    fn cached_panels(&self, bf16: bool) -> Result<Option<crate::ops::Panels>> {
+        if let Some(p) = self.panels.get() {
+            return Ok(Some(p.clone()));
+        }
+        let Some(mut packed) = self.pack_panels_uncached()? else {
+            return Ok(None);
+        };
+        if bf16 {
+            packed = packed.to_bf16();
+        }
+        let p = std::sync::Arc::new(packed);
+        Ok(Some(self.panels.get_or_init(|| p).clone()))
+    }
+
+    /// The f32 panels of a frozen CPU f32 weight, not cached; `None` where the kernel does not
+    /// run.
+    fn pack_panels_uncached(&self) -> Result<Option<crate::kernels::Panels>> {
         let Param::Frozen(w) = &self.weight else {
             return Ok(None);
         };
         if !crate::kernels::enabled() || !w.device().is_cpu() || w.dtype() != DType::F32 {
             return Ok(None);
         }
-        if let Some(p) = self.panels.get() {
-            return Ok(Some(p.clone()));
-        }
         let (n, k) = w.dims2()?;
         let (ws, wl) = w.storage_and_layout();
-        let packed = match (&*ws, wl.contiguous_offsets()) {
+        Ok(Some(match (&*ws, wl.contiguous_offsets()) {
             (candle_core::Storage::Cpu(s), Some((a, b))) => {
                 crate::kernels::Panels::pack_transposed(&s.as_slice::<f32>()?[a..b], n, k)
             }
@@ -225,9 +256,7 @@ impl Linear {
                 drop(ws);
                 crate::kernels::Panels::pack_transposed(&w.flatten_all()?.to_vec1::<f32>()?, n, k)
             }
-        };
-        let p = std::sync::Arc::new(packed);
-        Ok(Some(self.panels.get_or_init(|| p).clone()))
+        }))
     }
 
     pub fn in_dim(&self) -> usize {
@@ -286,7 +315,7 @@ impl Linear {
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().unwrap_or(&mut 0) = self.out_dim();
                 let x2 = x.reshape(((), in_dim))?.contiguous()?;
-                let (wt, panels) = self.frozen_caches(x2.dim(0)?)?;
+                let (wt, panels) = self.frozen_caches(x2.dim(0)?, fwd.no_grad)?;
                 let (a, b) = if fwd.no_grad {
                     (l.a.as_tensor().detach(), l.b.as_tensor().detach())
                 } else {
@@ -311,7 +340,7 @@ impl Linear {
         let mut y = match &self.weight {
             Param::Frozen(w) => {
                 let rows = x.elem_count() / self.in_dim().max(1);
-                let (wt, panels) = self.frozen_caches(rows)?;
+                let (wt, panels) = self.frozen_caches(rows, fwd.no_grad)?;
                 frozen_linear_t(x, w, wt.as_ref(), panels.as_ref(), bias)?
             }
             Param::Trainable(w) => {

@@ -387,7 +387,7 @@ fn grpo_runs_are_compared_by_heldout_reward() {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|m| m["eval_reward"].as_f64())
-        .last()
+        .next_back()
         .expect("an eval_reward line");
     // vowels in the tiny random model's completions: a reward that is not 0 everywhere
     assert!(last_eval > 0.05, "{last_eval}");
@@ -465,7 +465,7 @@ fn ppo_runs_are_compared_by_heldout_reward() {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|m| m["eval_reward"].as_f64())
-        .last()
+        .next_back()
         .expect("an eval_reward line");
     assert!(last_eval > 0.05, "{last_eval}");
     let mean_a = v["diff"]["mean_a"].as_f64().unwrap();
@@ -583,9 +583,8 @@ fn a_grpo_sweep_runs_each_point_once_and_compare_names_the_best_lrs() {
             serde_json::from_slice(&std::fs::read(run.join("settings.json")).unwrap()).unwrap();
         let text = s.to_string();
         assert!(text.contains(&format!("\"lr\":{lr}")), "{name}: {text}");
-        assert_eq!(
+        assert!(
             run.join(if full { "model" } else { "adapter" }).exists(),
-            true,
             "{name}"
         );
         assert_eq!(run.join("adapter").exists(), !full, "{name}");
@@ -594,7 +593,7 @@ fn a_grpo_sweep_runs_each_point_once_and_compare_names_the_best_lrs() {
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|m| m["eval_reward"].as_f64())
-            .last()
+            .next_back()
             .expect("an eval_reward line");
         last_eval.push((lr, full, e));
     }

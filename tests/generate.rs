@@ -159,6 +159,97 @@ fn greedy_logps_match_a_full_forward() {
     }
 }
 
+/// `--decode-weights bf16`: generation reads every frozen weight rounded to bf16 and computes
+/// in f32, so it is exactly the f32 kernel on a model whose weights were rounded beforehand
+/// (same tokens, same log-prob bits, greedy and sampled, batched with padding); the forwards
+/// that train (no `no_grad`) still read the f32 weights.
+#[test]
+fn bf16_decode_weights_are_the_rounded_model_and_leave_training_forwards_exact() {
+    if !align::kernels::enabled() {
+        eprintln!("no AVX-512 here: bf16 panels not exercised");
+        return;
+    }
+    let (a, tok) = load("llama", Some("llama"));
+    let (mut b, _) = load("llama", Some("llama"));
+    for l in b.model.linears_mut() {
+        if let align::lora::Param::Frozen(w) = &l.weight {
+            let v: Vec<f32> = w
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(|x| f32::from_bits((align::kernels::bf16_bits(x) as u32) << 16))
+                .collect();
+            let r = candle_core::Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap();
+            l.weight = align::lora::Param::Frozen(r);
+        }
+    }
+    a.model.pack_for_decoding_bf16().unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "Human: hello there",
+        "Human: what is two and two? Assistant:",
+    ]
+    .iter()
+    .map(|s| tok.encode(s, true).unwrap())
+    .collect();
+    let sampled = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let mut changed = false;
+    for cfg in [greedy(12, vec![]), sampled] {
+        let run = |p: &Policy| {
+            let mut rng = StdRng::seed_from_u64(7);
+            generate(&p.model, None, &prompts, 0, &cfg, Fwd::POLICY, &mut rng).unwrap()
+        };
+        let (ca, cb) = (run(&a), run(&b));
+        for (x, y) in ca.iter().zip(&cb) {
+            assert_eq!(x.ids, y.ids);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&x.logps), bits(&y.logps));
+        }
+        let (fresh, _) = load("llama", Some("llama"));
+        let mut rng = StdRng::seed_from_u64(7);
+        let cf = generate(&fresh.model, None, &prompts, 0, &cfg, Fwd::POLICY, &mut rng).unwrap();
+        changed |= cf.iter().zip(&ca).any(|(f, x)| f.logps != x.logps);
+    }
+    assert!(
+        changed,
+        "bf16 rounding changed no log-prob: the bf16 panels were not used"
+    );
+    // a training forward of the packed model reads the f32 weights
+    let (fresh, _) = load("llama", Some("llama"));
+    let mut all = prompts[1].clone();
+    all.extend([5, 9, 11]);
+    let t = candle_core::Tensor::new(all.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let lp = |p: &Policy, f: Fwd| -> Vec<f32> {
+        p.token_logps(&t, f)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    // (another kernel than fresh's f32 panels, so equal to rounding; the rounded weights of
+    // `b` are a thousand times further off)
+    let gap = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    };
+    for f in [Fwd::POLICY, Fwd::REFERENCE] {
+        let (la, lf, lb) = (lp(&a, f), lp(&fresh, f), lp(&b, f));
+        assert!(gap(&la, &lf) < 1e-5, "{la:?} vs {lf:?}");
+        assert!(gap(&lb, &lf) > 1e-4, "{lb:?} vs {lf:?}");
+    }
+}
+
 #[test]
 fn eos_and_stop_strings_end_completions() {
     let (p, tok) = load("llama", None);
@@ -349,6 +440,7 @@ fn bench_generation_throughput() {
         64,
         0.0,
         0,
+        false,
     )
     .unwrap();
     for r in rows {

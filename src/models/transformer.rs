@@ -503,7 +503,6 @@ impl CausalLm {
         })
     }
 
-    /// Every linear layer, in checkpoint order.
     /// Pack every frozen linear (and the LM head) for align's matmul kernel before generating:
     /// the prompt pass then uses the panels too, so no contiguous `W^T` copy is made for it
     /// ([`Linear::pack_panels`]; nothing happens where the kernel does not run).
@@ -514,6 +513,18 @@ impl CausalLm {
         Ok(())
     }
 
+    /// [`CausalLm::pack_for_decoding`] with bf16 panels: generation (and only generation, the
+    /// `no_grad` forwards) then reads every frozen weight rounded to bf16, half the bytes of a
+    /// decode step, products in f32. Training forwards keep reading the f32 weights. Must come
+    /// before any f32 packing to take effect (panels already packed stay as they are).
+    pub fn pack_for_decoding_bf16(&self) -> candle_core::Result<()> {
+        for l in self.linears() {
+            l.pack_panels_bf16()?;
+        }
+        Ok(())
+    }
+
+    /// Every linear layer, in checkpoint order.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = Vec::new();
         for l in &self.layers {
