@@ -634,4 +634,9 @@ fn a_grpo_sweep_runs_each_point_once_and_compare_names_the_best_lrs() {
         "{t:#}"
     );
     assert!(stdout.contains("best LoRA lr"), "{stdout}");
+    // the full run (first) has no rank; the costs include the rollouts' tokens/s
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| rank | - | 2 | 2 |"), "{md}");
+    let tps = md.lines().find(|l| l.starts_with("| tokens/s")).unwrap();
+    assert!(!tps.contains("n/a"), "{tps}");
 }

@@ -291,6 +291,16 @@ const HEADLINE_KEYS: [&str; 12] = [
 /// Keys that differ between runs for bookkeeping only.
 const IGNORED_KEYS: [&str; 4] = ["out", "resume", "config", "save_total_limit"];
 
+/// Settings that mean nothing for a full fine-tuning run (shown as `-` there).
+const LORA_KEYS: [&str; 6] = [
+    "rank",
+    "alpha",
+    "rslora",
+    "target_modules",
+    "lora_dropout",
+    "init_adapter",
+];
+
 /// Rows of the settings table: `(key, value per run)` for the headline keys and every other
 /// key whose value differs between runs.
 pub fn settings_table(runs: &[Run]) -> Vec<(String, Vec<String>)> {
@@ -299,6 +309,11 @@ pub fn settings_table(runs: &[Run]) -> Vec<(String, Vec<String>)> {
         .map(|r| {
             let mut m = BTreeMap::new();
             flatten("", &Value::Object(r.settings.clone()), &mut m);
+            if r.full {
+                for k in LORA_KEYS {
+                    m.remove(k);
+                }
+            }
             m
         })
         .collect();
@@ -366,8 +381,11 @@ fn cost(run: &Run) -> Cost {
         let g = |k: &str| m.get(k).and_then(Value::as_f64);
         c.steps = c.steps.max(g("step").unwrap_or(0.0) as u64);
         let t = g("step_time_s").unwrap_or(0.0);
-        c.train_time_s += t;
-        if let Some(v) = g("tokens_per_s") {
+        // GRPO/PPO: the rollouts' generation (and scoring) time is logged beside the step's
+        c.train_time_s += t + g("rollout_time_s")
+            .or_else(|| g("generation_time_s"))
+            .unwrap_or(0.0);
+        if let Some(v) = g("tokens_per_s").or_else(|| g("train_tokens_per_s")) {
             tps += v;
             n_tps += 1;
             tokens += v * t;
@@ -956,14 +974,25 @@ pub fn run(args: Args) -> Result<()> {
                 .iter()
                 .map(|s| Some(sign * s.iter().map(|(_, v)| v[0]).sum::<f64>() / s.len() as f64))
                 .collect();
+            let len = |v: Option<usize>| v.map_or("the run's".to_string(), |n| n.to_string());
+            let how = match runs[0].algorithm {
+                Algorithm::Grpo | Algorithm::Ppo => format!(
+                    "prompts: {} completions per prompt, sampled with each run's own settings from seed {}",
+                    args.samples, args.seed
+                ),
+                Algorithm::Sft => format!("examples (max_length {})", len(trunc.max_length)),
+                _ => format!(
+                    "pairs (max_length {}, max_prompt_length {})",
+                    len(trunc.max_length),
+                    len(trunc.max_prompt_length)
+                ),
+            };
             eval_note = format!(
-                "Held-out data: {}; every run's final model scored on the same pairs (max_length {:?}, max_prompt_length {:?}).",
+                "Held-out data: {}; every run's final model scored on the same {how}.",
                 data.iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(", "),
-                trunc.max_length,
-                trunc.max_prompt_length
+                    .join(", ")
             );
         }
     }
@@ -1074,10 +1103,10 @@ were held out, not seed-to-seed training variance.",
     writeln!(
         md,
         "{}",
-        row("training time (s, sum of step times)", &|c| format!(
-            "{:.1}",
-            c.train_time_s
-        ))
+        row(
+            "training time (s, sum of step and rollout times)",
+            &|c| format!("{:.1}", c.train_time_s)
+        )
     )?;
     writeln!(
         md,
