@@ -430,6 +430,13 @@ pub fn overlay_panels(runs: &[Run], x: &str) -> Vec<OverlayPanel> {
                 .map(|r| (r.name.clone(), series_against(r, name, x)))
                 .collect(),
         })
+        // a series with one value in every run and step (a clip ratio that stayed 0, a
+        // counter) tells nothing: no panel for it
+        .filter(|p| {
+            let mut ys = p.lines.iter().flat_map(|(_, l)| l.iter().map(|q| q.1));
+            ys.next()
+                .is_some_and(|first| ys.any(|y| y.to_bits() != first.to_bits()))
+        })
         .collect()
 }
 
