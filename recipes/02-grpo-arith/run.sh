@@ -35,9 +35,13 @@ train() { # COMMAND NAME CONFIG
 }
 # every final model on the same 80 held-out prompts, 8 completions each with the same seeds;
 # a parity margin of 0.05 reward (the eval set is small: 80 prompts)
-compare() { # OUT RUN...
+compare() { # OUT RUN...   (skipped when OUT/report.json exists: delete OUT to redo it)
     local dst=$1
     shift
+    if [ -f "$dst/report.json" ]; then
+        echo "$dst: done already"
+        return
+    fi
     "$align" compare "$@" --eval-data "$here/data/eval.parquet" --samples 8 --margin 0.05 \
         --batch-size 64 --out "$dst"
 }
@@ -46,6 +50,6 @@ train grpo lora-r1 lora-r1.toml
 train grpo lora-r4 lora-r4.toml
 compare "$out/compare" "$out/full" "$out/lora-r1" "$out/lora-r4"
 [ "${PPO:-1}" = 0 ] && exit 0
-train ppo ppo-full ppo-full.toml
 train ppo ppo-lora-r4 ppo-lora-r4.toml
+train ppo ppo-full ppo-full.toml
 compare "$out/compare-ppo" "$out/ppo-full" "$out/ppo-lora-r4"

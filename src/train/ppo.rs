@@ -10,7 +10,10 @@
 //!   `*ForSequenceClassification` folder) ⊕ its own LoRA adapter, with a value head initialised
 //!   from the score head; with the value adapter off and the score head the same weights are the
 //!   frozen reward model, so the RM costs no third copy. Without `rm/` the value backbone is a
-//!   second load of the policy's base with a fresh head `N(0, 1/sqrt(hidden+1))`. Two bases in
+//!   second load of the policy's base with a fresh head `N(0, 1/(hidden+1))` (OpenRLHF's critic
+//!   from a pretrained model: initial values ≈ 0, so the first advantages carry the score and
+//!   not the noise of a random head; `1/sqrt(hidden+1)` made values of ±1–2 on SmolLM2, whose
+//!   whitened advantages pushed the policy to stop early while the score stayed flat). Two bases in
 //!   memory, not four (TRL and OpenRLHF hold policy, reference, reward and value models).
 //! * one AdamW over the policy's trainable weights, the value adapter and the value head
 //!   (TRL's `PolicyAndValueWrapper`), via [`super::Algorithm::extra_vars`].
@@ -361,7 +364,8 @@ impl ValueModel {
         })
     }
 
-    /// From a causal LM folder (the policy's base): a fresh head `N(0, 1/sqrt(H+1))`, seeded.
+    /// From a causal LM folder (the policy's base): a fresh head `N(0, 1/(H+1))`, seeded
+    /// (OpenRLHF's `init_value_head`).
     pub fn from_base(
         dir: &Path,
         lora: &LoraConfig,
@@ -372,7 +376,7 @@ impl ValueModel {
         let backbone = Policy::load(dir, TrainMode::Lora(lora.clone()), dtype, dev)
             .with_context(|| format!("loading the value model's base {}", dir.display()))?;
         let h = backbone.cfg().hidden_size;
-        let std = 1.0 / ((h + 1) as f64).sqrt();
+        let std = 1.0 / (h + 1) as f64;
         let mut rng = StdRng::seed_from_u64(seed ^ 0x7a1e_5eed);
         let normal = rand_distr::Normal::new(0.0, std)
             .map_err(|e| Error::Msg(format!("value head init: {e}")))?;
