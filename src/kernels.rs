@@ -230,11 +230,10 @@ mod avx512 {
         (m, k, n): (usize, usize, usize),
         beta: f32,
     ) {
-        let (esize, len) = match panels {
-            Strips::F32(v) => (4, v.len()),
-            Strips::Bf16(v) => (2, v.len()),
+        let (esize, len, bf16) = match panels {
+            Strips::F32(v) => (4, v.len(), false),
+            Strips::Bf16(v) => (2, v.len(), true),
         };
-        let bf16 = matches!(panels, Strips::Bf16(_));
         // cache lines of a strip per step of k (4 for f32, 2 for bf16)
         let lpk = NR * esize / 64;
         let strip_bytes = k * NR * esize;
@@ -361,43 +360,25 @@ mod avx512 {
             };
         }
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        if p.cols == NR {
-            for kk in 0..p.k {
-                if p.pf_lines > 0 {
-                    for l in 0..p.pf_lines {
-                        let q = p.pf.wrapping_add((kk * p.pf_lines + l) * 64);
-                        if q < p.pf_end {
-                            _mm_prefetch::<_MM_HINT_T1>(q as *const i8);
-                        }
-                    }
-                }
-                let b0 = lanes::<BF>(p.b, kk, 0);
-                let b1 = lanes::<BF>(p.b, kk, 1);
-                let b2 = lanes::<BF>(p.b, kk, 2);
-                let b3 = lanes::<BF>(p.b, kk, 3);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
-                    acc[0] = _mm512_fmadd_ps(a, b0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(a, b1, acc[1]);
-                    acc[2] = _mm512_fmadd_ps(a, b2, acc[2]);
-                    acc[3] = _mm512_fmadd_ps(a, b3, acc[3]);
+        // a ragged last strip (cols < 64) is padded with zeros: full loads, masked stores; it
+        // has no next strip, so no prefetch (`pf_lines` = 0)
+        for kk in 0..p.k {
+            for l in 0..p.pf_lines {
+                let q = p.pf.wrapping_add((kk * p.pf_lines + l) * 64);
+                if q < p.pf_end {
+                    _mm_prefetch::<_MM_HINT_T1>(q as *const i8);
                 }
             }
-        } else {
-            for kk in 0..p.k {
-                // the padding past `cols` is zeros: full loads, the stores are masked
-                let b = [
-                    lanes::<BF>(p.b, kk, 0),
-                    lanes::<BF>(p.b, kk, 1),
-                    lanes::<BF>(p.b, kk, 2),
-                    lanes::<BF>(p.b, kk, 3),
-                ];
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
-                    for v in 0..4 {
-                        acc[v] = _mm512_fmadd_ps(a, b[v], acc[v]);
-                    }
-                }
+            let b0 = lanes::<BF>(p.b, kk, 0);
+            let b1 = lanes::<BF>(p.b, kk, 1);
+            let b2 = lanes::<BF>(p.b, kk, 2);
+            let b3 = lanes::<BF>(p.b, kk, 3);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*p.a.add(r * p.lrs + kk));
+                acc[0] = _mm512_fmadd_ps(a, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(a, b1, acc[1]);
+                acc[2] = _mm512_fmadd_ps(a, b2, acc[2]);
+                acc[3] = _mm512_fmadd_ps(a, b3, acc[3]);
             }
         }
         let beta = _mm512_set1_ps(p.beta);
