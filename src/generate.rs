@@ -543,6 +543,15 @@ pub struct BenchRow {
     pub tokens_per_s: f64,
 }
 
+/// `--decode-weights bf16`: pack every frozen weight as bf16 panels for the decode steps
+/// ([`CausalLm::pack_for_decoding_bf16`]), saying so where the kernel does not run here.
+pub fn decode_with_bf16_weights(model: &CausalLm) -> Result<()> {
+    if !model.pack_for_decoding_bf16()? {
+        eprintln!("note: --decode-weights bf16 has no effect here (no AVX-512, or ALIGN_NO_FUSED=1): decoding reads the f32 weights");
+    }
+    Ok(())
+}
+
 /// Generation throughput of a model folder: for each batch size, `batch` random prompts of
 /// `prompt_len` tokens (seeded), greedy, exactly `new_tokens` new tokens each (EOS ignored),
 /// adapters off, after one untimed warm-up run of 2 tokens. The same protocol as
@@ -582,7 +591,7 @@ pub fn bench(
     };
     let model = &policy.model;
     if decode_bf16 {
-        model.pack_for_decoding_bf16()?;
+        decode_with_bf16_weights(model)?;
     }
     let vocab = model.cfg.vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(0);

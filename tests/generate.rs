@@ -185,7 +185,17 @@ fn bf16_decode_weights_are_the_rounded_model_and_leave_training_forwards_exact()
             l.weight = align::lora::Param::Frozen(r);
         }
     }
-    a.model.pack_for_decoding_bf16().unwrap();
+    assert!(a.model.pack_for_decoding_bf16().unwrap(), "nothing packed");
+    // other weights than f32 are refused, not silently decoded in their own dtype
+    let f64_model = Policy::load(
+        &common::fixtures().join("models/llama"),
+        TrainMode::Frozen,
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = f64_model.model.pack_for_decoding_bf16().unwrap_err();
+    assert!(err.to_string().contains("--dtype f32"), "{err}");
     let prompts: Vec<Vec<u32>> = [
         "Human: hello there",
         "Human: what is two and two? Assistant:",

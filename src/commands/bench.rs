@@ -104,10 +104,8 @@ pub struct GenArgs {
     /// the same tokens), as GRPO and PPO roll out; 0 = the base model alone.
     #[arg(long, default_value_t = 0)]
     pub lora_rank: usize,
-    /// Weights the decode steps read: f32, or bf16 (rounded copies, half the bytes; see
-    /// `align generate --decode-weights`).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub decode_weights: String,
+    #[command(flatten)]
+    pub decode: super::DecodeArgs,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -288,7 +286,7 @@ fn generate_table(a: GenArgs) -> Result<()> {
         a.new_tokens,
         a.temperature,
         a.lora_rank,
-        a.decode_weights == "bf16",
+        a.decode.bf16(),
     )?;
     if a.model.is_none() {
         std::fs::remove_dir_all(&model).ok();

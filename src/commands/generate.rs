@@ -64,12 +64,8 @@ pub struct Args {
     /// Longest prompt in tokens; longer prompts keep their last tokens.
     #[arg(long, default_value_t = 1024)]
     pub max_prompt_length: usize,
-    /// Weights the decode steps read: f32 (exact), or bf16: every frozen weight rounded to bf16
-    /// once (half the bytes each new token streams from memory; products and everything else in
-    /// f32), faster where memory bandwidth bounds decoding, at the cost of slightly different
-    /// logits. CPU with AVX-512 and --dtype f32 only.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub decode_weights: String,
+    #[command(flatten)]
+    pub decode: super::DecodeArgs,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -80,15 +76,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let device = a.dev.device()?;
     let dtype = a.dev.dtype()?;
-    if a.decode_weights == "bf16" && !(device.is_cpu() && dtype == candle_core::DType::F32) {
-        bail!("--decode-weights bf16 is align's CPU kernel: it needs --device cpu and --dtype f32");
-    }
     let (policy, adapter) = load_frozen(&a.model, a.adapter.as_deref(), dtype, &device)?;
-    if a.decode_weights == "bf16" && !crate::kernels::enabled() {
-        eprintln!("note: --decode-weights bf16 has no effect here (no AVX-512, or ALIGN_NO_FUSED=1): decoding reads the f32 weights");
-    }
-    if a.decode_weights == "bf16" {
-        policy.model.pack_for_decoding_bf16()?;
+    if a.decode.bf16() {
+        crate::generate::decode_with_bf16_weights(&policy.model)?;
     }
     let fwd = if adapter.is_some() {
         Fwd::POLICY

@@ -22,6 +22,23 @@ pub mod tokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
+/// The weights decoding reads (`align generate`, `align bench generate`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Weights the decode steps read: f32 (exact), or bf16: every frozen weight rounded to bf16
+    /// once (half the bytes each new token streams from memory; products and everything else in
+    /// f32), faster where memory bandwidth bounds decoding, at the cost of slightly different
+    /// logits. CPU with AVX-512 and --dtype f32 only.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub decode_weights: String,
+}
+
+impl DecodeArgs {
+    pub fn bf16(&self) -> bool {
+        self.decode_weights == "bf16"
+    }
+}
+
 /// Flags shared by every command that loads a model.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct DeviceArgs {

@@ -516,12 +516,22 @@ impl CausalLm {
     /// [`CausalLm::pack_for_decoding`] with bf16 panels: generation (and only generation, the
     /// `no_grad` forwards) then reads every frozen weight rounded to bf16, half the bytes of a
     /// decode step, products in f32. Training forwards keep reading the f32 weights. Must come
-    /// before any f32 packing to take effect (panels already packed stay as they are).
-    pub fn pack_for_decoding_bf16(&self) -> candle_core::Result<()> {
-        for l in self.linears() {
-            l.pack_panels_bf16()?;
+    /// before any f32 packing to take effect (panels already packed stay as they are). An error
+    /// off the CPU or with weights other than f32 (the panels are align's CPU kernel); `false`
+    /// where that kernel does not run (no AVX-512, `ALIGN_NO_FUSED=1`): nothing was packed.
+    pub fn pack_for_decoding_bf16(&self) -> candle_core::Result<bool> {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Err(candle_core::Error::Msg(format!(
+                "bf16 decode weights are align's CPU kernel: they need --device cpu and --dtype f32 (this model: {:?}, {:?})",
+                self.device.location(),
+                self.dtype
+            )));
         }
-        Ok(())
+        let mut packed = false;
+        for l in self.linears() {
+            packed |= l.pack_panels_bf16()?.is_some();
+        }
+        Ok(packed)
     }
 
     /// Every linear layer, in checkpoint order.
