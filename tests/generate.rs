@@ -208,6 +208,8 @@ fn bf16_decode_weights_are_the_rounded_model_and_leave_training_forwards_exact()
         temperature: 1.0,
         ..Default::default()
     };
+    // the unrounded model, for generation and the training forwards below
+    let (fresh, _) = load("llama", Some("llama"));
     let mut changed = false;
     for cfg in [greedy(12, vec![]), sampled] {
         let run = |p: &Policy| {
@@ -220,7 +222,6 @@ fn bf16_decode_weights_are_the_rounded_model_and_leave_training_forwards_exact()
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&x.logps), bits(&y.logps));
         }
-        let (fresh, _) = load("llama", Some("llama"));
         let mut rng = StdRng::seed_from_u64(7);
         let cf = generate(&fresh.model, None, &prompts, 0, &cfg, Fwd::POLICY, &mut rng).unwrap();
         changed |= cf.iter().zip(&ca).any(|(f, x)| f.logps != x.logps);
@@ -230,7 +231,6 @@ fn bf16_decode_weights_are_the_rounded_model_and_leave_training_forwards_exact()
         "bf16 rounding changed no log-prob: the bf16 panels were not used"
     );
     // a training forward of the packed model reads the f32 weights
-    let (fresh, _) = load("llama", Some("llama"));
     let mut all = prompts[1].clone();
     all.extend([5, 9, 11]);
     let t = candle_core::Tensor::new(all.as_slice(), &Device::Cpu)
