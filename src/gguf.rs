@@ -240,6 +240,37 @@ impl GgufFile {
             path: self.path.clone(),
             msg: format!("tensor `{name}`: {e}"),
         };
+        // candle sizes the read and the dequantised buffer from the shape with unchecked
+        // arithmetic: a corrupt shape must be refused before it gets there (a wrapped byte count
+        // reads, then the f32 buffer's allocation overflows and panics)
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.err(format!("tensor `{name}` is missing")))?;
+        let dims = info.shape.dims();
+        let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        let elems = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let end = elems
+            .filter(|n| n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
+            .and_then(|n| (n / block).checked_mul(type_size))
+            .and_then(|b| {
+                self.content
+                    .tensor_data_offset
+                    .checked_add(info.offset)?
+                    .checked_add(b as u64)
+            });
+        if !end.is_some_and(|e| e <= file_len) {
+            return Err(self.err(format!(
+                "tensor `{name}`: shape {dims:?} of {:?} does not fit in the file ({file_len} bytes)",
+                info.ggml_dtype
+            )));
+        }
         let q = self
             .content
             .tensor(&mut self.file, name, &Device::Cpu)
@@ -803,8 +834,9 @@ pub fn convert(path: &Path, out: &Path, dtype: DType, progress: bool) -> Result<
         }
         let mut t = g.dequantize(name)?;
         parameters += t.elem_count();
+        // errors without a file (candle's, the q/k permutation's) get this file and tensor
         let wrap = |e: Error| match e {
-            Error::Candle(e) => Error::Config {
+            Error::Candle(_) | Error::Msg(_) => Error::Config {
                 path: path.to_path_buf(),
                 msg: format!("tensor `{name}`: {e}"),
             },
