@@ -202,6 +202,58 @@ fn one_ppo_update_matches_pytorch_trl() {
         },
     )
     .unwrap();
+    // the entropy bonus (TRL's default entropy_coef is 0, so the update below has none): its
+    // gradient through the LM head's logits, one micro-batch of two rows at the initial weights
+    {
+        let eb = &fx["entropy_bonus"];
+        let rows_eb: Vec<usize> = eb["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let cfg_eb = PpoConfig {
+            entropy_coef: f(&eb["entropy_coef"]),
+            ..cfg.clone()
+        };
+        let (loss, metrics) =
+            ppo_micro_loss(&policy, &value, &batch, &rows_eb, pad, &cfg_eb, true).unwrap();
+        for (key, got, w) in [
+            ("loss", metrics["loss"], &eb["loss"]),
+            ("entropy", metrics["policy/entropy_avg"], &eb["entropy"]),
+        ] {
+            let b = f(w);
+            assert!(
+                (got - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "entropy bonus {key}: align {got} vs torch {b}"
+            );
+        }
+        let g = loss.backward().unwrap();
+        let norm: f64 = vars
+            .iter()
+            .filter_map(|(_, v)| g.get(v.as_tensor()))
+            .map(|g| values(g).iter().map(|x| x * x).sum::<f64>())
+            .sum::<f64>()
+            .sqrt();
+        let gn = f(&eb["grad_norm"]);
+        assert!(
+            (norm - gn).abs() <= 1e-4 * gn,
+            "entropy bonus: grad norm align {norm} vs torch {gn} (a gradient lost through the entropy?)"
+        );
+        // the same micro-batch without the bonus: a different gradient, so the check above sees it
+        let (l0, _) = ppo_micro_loss(&policy, &value, &batch, &rows_eb, pad, &cfg, true).unwrap();
+        let g0 = l0.backward().unwrap();
+        let n0: f64 = vars
+            .iter()
+            .filter_map(|(_, v)| g0.get(v.as_tensor()))
+            .map(|g| values(g).iter().map(|x| x * x).sum::<f64>())
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (n0 - gn).abs() > 0.05 * gn,
+            "the entropy bonus does not change the gradient ({n0} vs {gn})"
+        );
+    }
     let micro = st["micro_batch"].as_u64().unwrap() as usize;
     let nmb = st["num_mini_batches"].as_u64().unwrap() as usize;
     let mut step = 0;
@@ -231,6 +283,7 @@ fn one_ppo_update_matches_pytorch_trl() {
                 for (key, w) in [
                     ("loss/policy_avg", &want["pg_loss"][k]),
                     ("loss/value_avg", &want["vf_loss"][k]),
+                    ("policy/entropy_avg", &want["entropy"][k]),
                 ] {
                     let (a, b) = (metrics[key], f(w));
                     assert!(

@@ -71,7 +71,7 @@ pub struct Args {
     /// Sequences sampled together (0 = the whole batch) [default: 0].
     #[arg(long)]
     pub gen_batch_size: Option<usize>,
-    /// Sequences per training micro-batch; a mini-batch's micro-batches are accumulated into one step (0 = the whole mini-batch) [default: 0].
+    /// Sequences per training micro-batch (and per no-grad scoring forward); a mini-batch's micro-batches are accumulated into one step, each its own token mean (TRL, OpenRLHF); bounds the activations' memory (0 = the whole mini-batch) [default: 8].
     #[arg(long)]
     pub train_batch_size: Option<usize>,
 

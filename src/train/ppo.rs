@@ -43,7 +43,11 @@
 //! `whiten_rewards false`, `cliprange 0.2`, `cliprange_value 0.2`, `vf_coef 0.1`,
 //! `num_ppo_epochs 4`, `num_mini_batches 1`, `response_length 53`, lr 3e-6 for full
 //! fine-tuning, linear schedule. Different: LoRA lr 10× (3e-5); `--prompts-per-step 8`
-//! (TRL's `per_device_train_batch_size` 64 is too many for a CPU); gradient clipping at 1
+//! (TRL's `per_device_train_batch_size` 64 is too many for a CPU); micro-batches of
+//! `--train-batch-size 8` (OpenRLHF's `micro_train_batch_size`; at 8 prompts per step one
+//! micro-batch is the whole mini-batch, as in TRL), so that memory stays bounded when the rollout
+//! batch grows (each micro-batch's loss is its own token mean, accumulated as TRL and OpenRLHF
+//! do, so a different micro-batch size changes the update slightly); gradient clipping at 1
 //! (TRL's PPO never clips); `missing_eos_penalty` off like TRL.
 //!
 //! # Departures
@@ -156,7 +160,7 @@ impl AlgoSettings for PpoSettings {
             "ref_column": null, "pattern": null, "chars": null, "reward_command": null,
             "reward_timeout": crate::rewards::DEFAULT_COMMAND_TIMEOUT_S,
             "prompts_per_step": 8, "response_length": 53, "max_prompt_length": 512,
-            "temperature": 0.7, "gen_batch_size": 0, "train_batch_size": 0,
+            "temperature": 0.7, "gen_batch_size": 0, "train_batch_size": 8,
             "missing_eos_penalty": null, "score_clip": 10.0, "normalize_reward": false,
             "kl_coef": 0.05, "kl_estimator": "k1", "kl_target": null, "kl_horizon": 10000.0,
             "gamma": 1.0, "lam": 0.95, "whiten_rewards": false, "cliprange": 0.2,
@@ -416,7 +420,7 @@ impl ValueModel {
             .as_ref()
             .context("the value model was not built from a reward model")?;
         let (b, t) = ids_B_T.dims2()?;
-        let h = self.hidden(ids_B_T, Fwd::REFERENCE)?.detach();
+        let h = self.hidden(ids_B_T, SCORE_REFERENCE)?.detach();
         let hs = h.dim(D::Minus1)?;
         let rows: Vec<u32> = last
             .iter()
@@ -467,8 +471,10 @@ struct ResponseBatch {
     ids_B_T: Tensor,
     /// `[B·C]` flat indices into `B·T` (padding slots repeat the row's last position).
     rows: Tensor,
-    /// `[B, C]` u32 targets (0 on padding).
-    targets_B_C: Tensor,
+    /// `rows`, and the `[B·C]` targets (0 on padding), flat, as the LM head's fused log-prob
+    /// op takes them.
+    rows_v: Vec<u32>,
+    targets_v: Vec<u32>,
     /// `[B, C]` 1 on completion tokens.
     mask_B_C: Tensor,
     b: usize,
@@ -520,44 +526,112 @@ fn response_batch(
     }
     Ok(ResponseBatch {
         ids_B_T: Tensor::from_vec(ids, (b, t), dev)?,
-        rows: Tensor::from_vec(rows, b * c, dev)?,
-        targets_B_C: Tensor::from_vec(targets, (b, c), dev)?,
+        rows: Tensor::new(rows.as_slice(), dev)?,
+        rows_v: rows,
+        targets_v: targets,
         mask_B_C: Tensor::from_vec(mask, (b, c), dev)?.to_dtype(dtype)?,
         b,
         c,
     })
 }
 
+/// Whether [`response_logps`] also gives the per-token entropies of the sampling distribution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Entropy {
+    Off,
+    /// A metric: computed from detached hidden states, a chunk of rows at a time.
+    Metric,
+    /// Part of the loss (`entropy_coef` ≠ 0): differentiable, so the completion rows' logits
+    /// `[B·C, V]` are kept for the backward pass.
+    Grad,
+}
+
+/// The no-grad forwards of rollout scoring and evaluation: nothing of them is differentiated,
+/// so they record no autograd graph (each layer's activations are freed as the next runs).
+const SCORE_POLICY: Fwd = Fwd {
+    no_grad: true,
+    ..Fwd::POLICY
+};
+const SCORE_REFERENCE: Fwd = Fwd {
+    no_grad: true,
+    ..Fwd::REFERENCE
+};
+
+/// Rows of logits made at once for the entropy metric (`ENTROPY_ROWS × V` floats).
+const ENTROPY_ROWS: usize = 256;
+
 /// Completion log-probs `[B, C]` of `softmax(logits / T)` and, if asked, the entropies `[B, C]`
-/// of that distribution (differentiable when `fwd.train`).
+/// of that distribution. Only the `B·C` completion positions go through the LM head: on the CPU
+/// in f32 the head, log-softmax and gather are one fused op that never holds their logits
+/// ([`CausalLm::head_logps`]), and the `[B, T, V]` logits of the whole batch (V = 49,152 on
+/// SmolLM2) are never made, in rollout scoring as in the loss. Padding slots score token 0 at
+/// the row's last position; the mask removes them.
 fn response_logps(
     policy: &Policy,
     rb: &ResponseBatch,
     temperature: f64,
     fwd: Fwd,
-    entropy: bool,
+    entropy: Entropy,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let logits = policy.logits(&rb.ids_B_T, fwd)?;
-    let (b, t, v) = logits.dims3()?;
-    let sel = logits
-        .reshape((b * t, v))?
-        .index_select(&rb.rows, 0)?
-        .reshape((rb.b, rb.c, v))?;
-    let sel = sel.to_dtype(crate::ops::compute_dtype(sel.dtype()))?;
-    let sel = if temperature != 1.0 {
-        (sel / temperature)?
-    } else {
-        sel
-    };
-    let lp = crate::ops::log_softmax_last_dim(&sel)?
-        .gather(&rb.targets_B_C.unsqueeze(2)?, 2)?
-        .squeeze(2)?;
-    let ent = if entropy {
-        Some(token_entropy(&sel)?)
-    } else {
-        None
+    let model = &policy.model;
+    let (b, t) = rb.ids_B_T.dims2()?;
+    let h = model
+        .forward_batch(&rb.ids_B_T, fwd)?
+        .reshape((b * t, model.cfg.hidden_size))?;
+    let lp = model
+        .head_logps(&h, &rb.rows_v, &rb.targets_v, fwd, temperature)?
+        .reshape((rb.b, rb.c))?;
+    let ent = match entropy {
+        Entropy::Off => None,
+        e => Some(
+            head_entropy(
+                model,
+                &h.index_select(&rb.rows, 0)?,
+                temperature,
+                fwd,
+                e == Entropy::Grad,
+            )?
+            .reshape((rb.b, rb.c))?,
+        ),
     };
     Ok((lp, ent))
+}
+
+/// Entropies `[N]` of `softmax(h W^T / T)` for hidden-state rows `hs` (`[N, hidden]`). Without
+/// `grad`, detached and in chunks of [`ENTROPY_ROWS`] rows, so the `[N, V]` logits never exist
+/// at once.
+fn head_entropy(
+    model: &CausalLm,
+    hs: &Tensor,
+    temperature: f64,
+    fwd: Fwd,
+    grad: bool,
+) -> Result<Tensor> {
+    let n = hs.dim(0)?;
+    let (hs, fwd, step) = if grad {
+        (hs.clone(), fwd, n.max(1))
+    } else {
+        let fwd = Fwd {
+            no_grad: true,
+            ..fwd
+        };
+        (hs.detach(), fwd, ENTROPY_ROWS)
+    };
+    let mut parts = Vec::new();
+    for s in (0..n).step_by(step) {
+        let z = model
+            .lm_head
+            .forward(&hs.narrow(0, s, step.min(n - s))?, fwd)?;
+        let z = z.to_dtype(crate::ops::compute_dtype(z.dtype()))?;
+        let z = if temperature != 1.0 {
+            (z / temperature)?
+        } else {
+            z
+        };
+        let e = token_entropy(&z.unsqueeze(0)?)?.squeeze(0)?;
+        parts.push(if grad { e } else { e.detach() });
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Values `[B, C]` at the positions that predict each completion token.
@@ -623,14 +697,14 @@ pub fn process_rollouts(
     for (k, ch) in refs.chunks(chunk).enumerate() {
         let rb = response_batch(ch, pad, cd, &dev)?;
         let l = &lens[k * chunk..k * chunk + ch.len()];
-        let (lp, _) = response_logps(policy, &rb, cfg.temperature, Fwd::POLICY, false)?;
+        let (lp, _) = response_logps(policy, &rb, cfg.temperature, SCORE_POLICY, Entropy::Off)?;
         logp.extend(rows_of(&lp.detach(), l)?);
         let (rp, _) = match reference {
-            Some(r) => response_logps(r, &rb, cfg.temperature, Fwd::REFERENCE, false)?,
-            None => response_logps(policy, &rb, cfg.temperature, Fwd::REFERENCE, false)?,
+            Some(r) => response_logps(r, &rb, cfg.temperature, SCORE_REFERENCE, Entropy::Off)?,
+            None => response_logps(policy, &rb, cfg.temperature, SCORE_REFERENCE, Entropy::Off)?,
         };
         ref_logp.extend(rows_of(&rp.detach(), l)?);
-        let v = response_values(value, &rb, Fwd::POLICY)?;
+        let v = response_values(value, &rb, SCORE_POLICY)?;
         values.extend(rows_of(&v.detach(), l)?);
     }
     let c = lens.iter().copied().max().unwrap_or(1);
@@ -706,7 +780,12 @@ pub fn ppo_micro_loss(
         train: true,
         no_grad: false,
     };
-    let (lp, ent) = response_logps(policy, &rb, cfg.temperature, fwd, true)?;
+    let entropy = if train_policy && cfg.entropy_coef != 0.0 {
+        Entropy::Grad
+    } else {
+        Entropy::Metric
+    };
+    let (lp, ent) = response_logps(policy, &rb, cfg.temperature, fwd, entropy)?;
     let vpred = response_values(value, &rb, fwd)?;
     let dtype = lp.dtype();
     let pick = |rows: &[Vec<f32>]| -> Result<Tensor> {
@@ -1092,10 +1171,10 @@ impl Ppo {
         for ch in refs.chunks(chunk) {
             let rb = response_batch(ch, self.pad, cd, policy.device())?;
             let t = self.cfg.temperature;
-            let (lp, _) = response_logps(policy, &rb, t, Fwd::POLICY, false)?;
+            let (lp, _) = response_logps(policy, &rb, t, SCORE_POLICY, Entropy::Off)?;
             let (rp, _) = match &self.reference {
-                Some(r) => response_logps(r, &rb, t, Fwd::REFERENCE, false)?,
-                None => response_logps(policy, &rb, t, Fwd::REFERENCE, false)?,
+                Some(r) => response_logps(r, &rb, t, SCORE_REFERENCE, Entropy::Off)?,
+                None => response_logps(policy, &rb, t, SCORE_REFERENCE, Entropy::Off)?,
             };
             let d = ((lp.detach() - rp.detach())? * &rb.mask_B_C)?;
             kl_sum += d.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
