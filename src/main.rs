@@ -136,6 +136,9 @@ fn main() {
 impl Command {
     /// Commands that run as the ranks of a data-parallel job.
     fn data_parallel(&self) -> bool {
-        matches!(self, Command::Dpo(_) | Command::Sft(_) | Command::Grpo(_))
+        matches!(
+            self,
+            Command::Dpo(_) | Command::Sft(_) | Command::Grpo(_) | Command::Ppo(_) | Command::Rm(_)
+        )
     }
 }

@@ -165,6 +165,71 @@ fn grpo(out: &Path, steps: u32) -> Vec<String> {
     v
 }
 
+/// Reward-model training: LoRA r=2 and the score head, 2 pairs × 2 micro-batches per step.
+fn rm(out: &Path, steps: u32) -> Vec<String> {
+    let mut v = strs(&["rm", "--model"]);
+    v.extend([
+        p(&fx("models/llama")),
+        "--data".into(),
+        p(&fx("pairs.parquet")),
+    ]);
+    v.extend(strs(&[
+        "--rank",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+        "--lr",
+        "5e-3",
+        "--steps",
+    ]));
+    v.push(steps.to_string());
+    v.push("--out".into());
+    v.push(p(out));
+    v
+}
+
+/// PPO with a verifier reward and a value model from the base: 4 rollouts per batch, one
+/// mini-batch of 2 micro-batches of 2, 2 PPO epochs (so 2 optimizer steps per rollout batch).
+fn ppo(out: &Path, steps: u32) -> Vec<String> {
+    let mut v = strs(&["ppo", "--model"]);
+    v.extend([
+        p(&fx("models/llama")),
+        "--prompts".into(),
+        p(&fx("generation/demo_prompts.parquet")),
+    ]);
+    v.extend(strs(&[
+        "--reward",
+        "char_fraction",
+        "--chars",
+        "etaoin",
+        "--rank",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--response-length",
+        "6",
+        "--ppo-epochs",
+        "2",
+        "--train-batch-size",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--steps",
+    ]));
+    v.push(steps.to_string());
+    v.push("--out".into());
+    v.push(p(out));
+    v
+}
+
 /// Every tensor of a safetensors file as f32 values, by name.
 fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
     let t = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
@@ -181,7 +246,11 @@ fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
 
 /// Largest element difference between two adapters, relative to the largest element.
 fn adapter_diff(a: &Path, b: &Path) -> f32 {
-    let file = "adapter/adapter_model.safetensors";
+    tensors_diff(a, b, "adapter/adapter_model.safetensors")
+}
+
+/// [`adapter_diff`] of the safetensors file `file` of both run folders.
+fn tensors_diff(a: &Path, b: &Path, file: &str) -> f32 {
     let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
     assert_eq!(
         ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
@@ -234,9 +303,15 @@ fn without_the_mpi_feature_several_ranks_are_refused_by_name() {
 }
 
 #[cfg(feature = "mpi")]
-fn parity(name: &str, make: fn(&Path, u32) -> Vec<String>, steps: u32) {
+/// Runs `make` in one process and on two ranks and checks that they end at the same adapter
+/// and losses; returns the folder holding both runs (`one/`, `two/`), `None` without mpirun.
+fn parity(
+    name: &str,
+    make: fn(&Path, u32) -> Vec<String>,
+    steps: u32,
+) -> Option<tempfile::TempDir> {
     if !have_mpirun() {
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
@@ -259,6 +334,7 @@ fn parity(name: &str, make: fn(&Path, u32) -> Vec<String>, steps: u32) {
             "{name}: loss {a} vs {b}"
         );
     }
+    Some(dir)
 }
 
 #[cfg(feature = "mpi")]
@@ -277,6 +353,45 @@ fn sft_on_two_ranks_equals_one_process() {
 #[test]
 fn grpo_on_two_ranks_equals_one_process() {
     parity("grpo", grpo, 3);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn rm_on_two_ranks_equals_one_process() {
+    // the adapter holds the score head too (PEFT's modules_to_save)
+    parity("rm", rm, 4);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn ppo_on_two_ranks_equals_one_process() {
+    // two rollout batches; the value model's adapter and head must agree as well, and rank 0
+    // alone writes the rollouts
+    let dir = parity("ppo", ppo, 4);
+    let Some(dir) = dir else { return };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    for f in [
+        "value_adapter/adapter_model.safetensors",
+        "value_adapter/value_head.safetensors",
+    ] {
+        let d = tensors_diff(&one, &two, f);
+        assert!(d <= TOL, "ppo: {f} differs by {d:e}");
+    }
+    let rows = |d: &Path| {
+        let f = std::fs::File::open(d.join("rollouts.parquet")).unwrap();
+        parquet::file::reader::SerializedFileReader::new(f)
+            .map(|r| {
+                use parquet::file::reader::FileReader;
+                r.metadata().file_metadata().num_rows()
+            })
+            .unwrap()
+    };
+    assert_eq!(rows(&one), 8, "4 rollouts × 2 batches");
+    assert_eq!(
+        rows(&two),
+        rows(&one),
+        "rank 0 alone writes rollouts.parquet"
+    );
 }
 
 /// The pid of the rank-`r` process of the job whose command line mentions `out`.

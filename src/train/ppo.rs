@@ -878,7 +878,9 @@ pub struct Ppo {
     /// `None`: score with the reward model inside the value model.
     reward: Option<Box<dyn RewardFn>>,
     sampling: SamplingConfig,
-    log: super::output::RolloutLog<PpoRollout>,
+    /// rollouts.parquet; `None` on ranks > 0 of a data-parallel job (every rank samples the
+    /// same rollouts; rank 0 writes them).
+    log: Option<super::output::RolloutLog<PpoRollout>>,
     kl: KlController,
     episode: u64,
     steps: u64,
@@ -1286,7 +1288,9 @@ impl Algorithm for Ppo {
             None => PromptStream::open(&src, opts, tok.chat_template.as_ref())?,
         };
         let resume_step = ctx.resume.as_ref().map(|(_, st)| *st).unwrap_or(0);
-        let log = super::output::RolloutLog::open(&ctx.out, resume_step, ctx.resume.is_some())?;
+        let log = crate::dist::is_main()
+            .then(|| super::output::RolloutLog::open(&ctx.out, resume_step, ctx.resume.is_some()))
+            .transpose()?;
         let kl = match &saved {
             Some(st) => st.kl.clone(),
             None => match s.kl_target {
@@ -1396,7 +1400,9 @@ impl Algorithm for Ppo {
                     ref_logp: b.ref_logp[i].clone(),
                 })
                 .collect();
-            self.log.append(rows);
+            if let Some(log) = self.log.as_mut() {
+                log.append(rows);
+            }
             for (k, v) in &b.metrics {
                 self.gen_metrics.insert(k.clone(), *v);
             }
@@ -1464,7 +1470,9 @@ impl Algorithm for Ppo {
     }
 
     fn checkpoint_state(&mut self, step: u64) -> Result<Value> {
-        self.log.commit(step)?;
+        if let Some(log) = self.log.as_mut() {
+            log.commit(step)?;
+        }
         Ok(serde_json::to_value(PpoState {
             cursor: self.stream.cursor(),
             kl: self.kl.clone(),
@@ -1473,7 +1481,10 @@ impl Algorithm for Ppo {
     }
 
     fn finish(&mut self) -> Result<()> {
-        self.log.commit(u64::MAX)?;
+        let Some(log) = self.log.as_mut() else {
+            return Ok(()); // rank 0 writes the outputs
+        };
+        log.commit(u64::MAX)?;
         let dir = self.s.run.out.join("value_adapter");
         crate::peft::save_adapter(&self.value.backbone, &dir)
             .with_context(|| format!("saving the value adapter to {}", dir.display()))?;
