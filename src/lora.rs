@@ -97,7 +97,7 @@ impl LoraConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoraDelta {
     pub a: Var,
     pub b: Var,
@@ -106,7 +106,9 @@ pub struct LoraDelta {
     rng: Option<Arc<Mutex<StdRng>>>,
 }
 
-#[derive(Debug)]
+/// `Clone` shares every tensor, variable and cache (all reference-counted): a clone is the same
+/// layer, not a copy of its weights.
+#[derive(Debug, Clone)]
 pub struct Linear {
     /// Module path in the Hugging Face checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
     pub path: String,
@@ -118,13 +120,14 @@ pub struct Linear {
     /// matmul kernels pack without a strided gather (1.2–1.8× faster at 64–256 rows, measured
     /// in docs/benchmarks.md); backward keeps reading `W`, which is already in that layout for
     /// `dx = g W`. Costs one more copy of each frozen matrix.
-    wt: std::sync::OnceLock<Tensor>,
+    /// Shared by clones (a frozen weight never changes).
+    wt: Arc<std::sync::OnceLock<Tensor>>,
     /// A frozen f32 weight's `W^T` packed for align's kernel ([`crate::kernels::Panels`]), made
     /// at the first CPU forward of at most [`crate::kernels::MAX_ROWS`] rows (decoding) or by
     /// [`Linear::pack_panels`] (generation packs every layer first): products of few rows read
     /// it instead of `wt` (1.2–2.2× gemm's speed on cold weights at 1–48 rows), and so do
     /// larger ones while no `wt` exists (0.8–1.05× gemm at 256–1024 rows; docs/benchmarks.md).
-    panels: std::sync::OnceLock<crate::ops::Panels>,
+    panels: Arc<std::sync::OnceLock<crate::ops::Panels>>,
 }
 
 /// Per-forward switches.
@@ -160,8 +163,8 @@ impl Linear {
             weight,
             bias,
             lora: None,
-            wt: std::sync::OnceLock::new(),
-            panels: std::sync::OnceLock::new(),
+            wt: Arc::new(std::sync::OnceLock::new()),
+            panels: Arc::new(std::sync::OnceLock::new()),
         }
     }
 

@@ -488,3 +488,65 @@ fn ppo_lora_learns_a_verifiable_reward() {
     let evals: Vec<f64> = m.iter().filter_map(|x| x["eval_reward"].as_f64()).collect();
     assert!(evals.last().is_some_and(|&e| e > 0.5), "{evals:?}");
 }
+
+/// A LoRA policy lends its frozen base to the value model: the same weights (not copies), fresh
+/// adapters and head exactly as a value model loaded from the base folder; a full fine-tuning
+/// policy does not (its weights change).
+#[test]
+fn the_value_model_shares_a_lora_policys_base_weights() {
+    use align::lora::LoraConfig;
+    use align::policy::{Policy, TrainMode};
+    use align::train::ppo::ValueModel;
+    use candle_core::{DType, Device};
+    let model = fx("models/llama");
+    let lora = |seed| LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        seed,
+        ..LoraConfig::default()
+    };
+    let policy = Policy::load(&model, TrainMode::Lora(lora(1)), DType::F32, &Device::Cpu).unwrap();
+    let shared = ValueModel::sharing_base(&policy, &lora(9), 3)
+        .unwrap()
+        .expect("a LoRA policy shares its base");
+    let loaded = ValueModel::from_base(&model, &lora(9), DType::F32, &Device::Cpu, 3).unwrap();
+    let (pl, sl) = (policy.model.linears(), shared.backbone.model.linears());
+    assert_eq!(pl.len(), sl.len());
+    for (p, s) in pl.iter().zip(&sl) {
+        assert_eq!(
+            p.weight.tensor().id(),
+            s.weight.tensor().id(),
+            "{}: not the policy's tensor",
+            p.path
+        );
+        assert_eq!(
+            p.lora.is_some(),
+            s.lora.is_some(),
+            "{}: adapted in one only",
+            p.path
+        );
+        if let (Some(pa), Some(sa)) = (&p.lora, &s.lora) {
+            assert_ne!(
+                pa.a.as_tensor().id(),
+                sa.a.as_tensor().id(),
+                "{}: adapter shared",
+                p.path
+            );
+        }
+    }
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (sv, lv) = (shared.vars(), loaded.vars());
+    assert_eq!(sv.len(), lv.len());
+    for ((ns, a), (nl, b)) in sv.iter().zip(&lv) {
+        assert_eq!(ns, nl);
+        assert_eq!(
+            flat(a.as_tensor()),
+            flat(b.as_tensor()),
+            "{ns}: init differs"
+        );
+    }
+    let full = Policy::load(&model, TrainMode::Full, DType::F32, &Device::Cpu).unwrap();
+    assert!(ValueModel::sharing_base(&full, &lora(9), 3)
+        .unwrap()
+        .is_none());
+}

@@ -13,7 +13,7 @@ use crate::ops::{attention_probs, compute_dtype, rms_norm, rope, silu_mul, softm
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor, D};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub path: String,
     pub weight: Param,
@@ -54,7 +54,7 @@ fn load_linear(
     Ok(Linear::new(path, Param::new(w, trainable)?, b))
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -67,7 +67,7 @@ pub struct Attention {
     head_dim: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
@@ -122,7 +122,7 @@ impl Mlp {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Moe {
     pub router: Linear,
     pub experts: Vec<Mlp>,
@@ -173,13 +173,13 @@ impl Moe {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum FeedForward {
     Dense(Mlp),
     Moe(Moe),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Layer {
     pub input_layernorm: RmsNorm,
     pub attn: Attention,
@@ -344,7 +344,7 @@ impl Attention {
 }
 
 /// A causal language model: embeddings, decoder layers, final norm, LM head.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CausalLm {
     pub cfg: ModelConfig,
     pub embed: Param,
@@ -586,6 +586,28 @@ impl CausalLm {
         }
         v.push(&self.norm);
         v
+    }
+
+    /// The frozen base of this model without its adapters, sharing every weight (and the
+    /// weights' cached transposes) with it: a second network on the same base, e.g. PPO's value
+    /// model started from the policy's base, at no memory cost. `None` when some base weight is
+    /// trainable (full fine-tuning: the weights change, so a second network needs its own copy).
+    pub fn frozen_base(&self) -> Option<CausalLm> {
+        let frozen = |p: &Param| matches!(p, Param::Frozen(_));
+        let all_frozen = frozen(&self.embed)
+            && self
+                .linears()
+                .iter()
+                .all(|l| frozen(&l.weight) && l.bias.as_ref().is_none_or(frozen))
+            && self.norms().iter().all(|n| frozen(&n.weight));
+        if !all_frozen {
+            return None;
+        }
+        let mut m = self.clone();
+        for lin in m.linears_mut() {
+            lin.lora = None;
+        }
+        Some(m)
     }
 
     /// Attach fresh LoRA adapters to the targeted layers. Seeds differ per layer, derived from

@@ -9,12 +9,13 @@
 //! * value model = the reward model's backbone (`--reward-model rm/`, a merged
 //!   `*ForSequenceClassification` folder) ⊕ its own LoRA adapter, with a value head initialised
 //!   from the score head; with the value adapter off and the score head the same weights are the
-//!   frozen reward model, so the RM costs no third copy. Without `rm/` the value backbone is a
-//!   second load of the policy's base with a fresh head `N(0, 1/(hidden+1))` (OpenRLHF's critic
+//!   frozen reward model, so the RM costs no third copy. Without `rm/` the value backbone is the
+//!   policy's base (a LoRA policy lends its frozen weights, [`ValueModel::sharing_base`]; a
+//!   full-FT policy's base is loaded again) with a fresh head `N(0, 1/(hidden+1))` (OpenRLHF's critic
 //!   from a pretrained model: initial values ≈ 0, so the first advantages carry the score and
 //!   not the noise of a random head; `1/sqrt(hidden+1)` made values of ±1–2 on SmolLM2, whose
 //!   whitened advantages pushed the policy to stop early while the score stayed flat). Two bases in
-//!   memory, not four (TRL and OpenRLHF hold policy, reference, reward and value models).
+//!   memory at most (one for LoRA PPO from a verifier), not four (TRL and OpenRLHF hold policy, reference, reward and value models).
 //! * one AdamW over the policy's trainable weights, the value adapter and the value head
 //!   (TRL's `PolicyAndValueWrapper`), via [`super::Algorithm::extra_vars`].
 //!
@@ -323,6 +324,17 @@ impl PpoConfig {
     }
 }
 
+/// A fresh value head `[1, h]` drawn `N(0, 1/(h+1))` from `seed` (OpenRLHF's `init_value_head`),
+/// in the compute dtype of `dtype`.
+fn value_head(h: usize, seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let std = 1.0 / (h + 1) as f64;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7a1e_5eed);
+    let normal = rand_distr::Normal::new(0.0, std)
+        .map_err(|e| Error::Msg(format!("value head init: {e}")))?;
+    let w: Vec<f32> = (0..h).map(|_| rng.sample(normal) as f32).collect();
+    Ok(Tensor::from_vec(w, (1, h), dev)?.to_dtype(crate::ops::compute_dtype(dtype))?)
+}
+
 /// The value model: a decoder backbone with its own LoRA adapter and a value head `[1, H]`;
 /// with a reward model also the frozen score head (adapter off + score head = the RM).
 pub struct ValueModel {
@@ -379,19 +391,45 @@ impl ValueModel {
     ) -> Result<Self> {
         let backbone = Policy::load(dir, TrainMode::Lora(lora.clone()), dtype, dev)
             .with_context(|| format!("loading the value model's base {}", dir.display()))?;
-        let h = backbone.cfg().hidden_size;
-        let std = 1.0 / (h + 1) as f64;
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x7a1e_5eed);
-        let normal = rand_distr::Normal::new(0.0, std)
-            .map_err(|e| Error::Msg(format!("value head init: {e}")))?;
-        let w: Vec<f32> = (0..h).map(|_| rng.sample(normal) as f32).collect();
-        let head = Tensor::from_vec(w, (1, h), dev)?.to_dtype(crate::ops::compute_dtype(dtype))?;
+        let head = value_head(backbone.cfg().hidden_size, seed, dtype, dev)?;
         Ok(ValueModel {
             backbone,
             head: Var::from_tensor(&head)?,
             score: None,
             stats: None,
         })
+    }
+
+    /// [`Self::from_base`] on the frozen base weights of `policy` itself (LoRA policies): the same
+    /// value model, without a second copy of the base in memory. `None` for a full fine-tuning
+    /// policy, whose weights change.
+    pub fn sharing_base(policy: &Policy, lora: &LoraConfig, seed: u64) -> Result<Option<Self>> {
+        let Some(mut model) = policy.model.frozen_base() else {
+            return Ok(None);
+        };
+        if model.add_lora(lora)? == 0 {
+            bail!(
+                "LoRA target_modules {:?} match no linear layer of the value model",
+                lora.target_modules
+            );
+        }
+        let backbone = Policy {
+            model,
+            dir: policy.dir.clone(),
+            mode: TrainMode::Lora(lora.clone()),
+        };
+        let head = value_head(
+            backbone.cfg().hidden_size,
+            seed,
+            backbone.dtype(),
+            backbone.device(),
+        )?;
+        Ok(Some(ValueModel {
+            backbone,
+            head: Var::from_tensor(&head)?,
+            score: None,
+            stats: None,
+        }))
     }
 
     /// The trainable variables (value adapter, then the head), named `value.<PEFT name>` and
@@ -1250,9 +1288,17 @@ impl Algorithm for Ppo {
                 }
                 v
             }
-            None => {
-                ValueModel::from_base(&model, &value_lora, ctx.dtype, &ctx.device, s.looping.seed)?
-            }
+            // a LoRA policy lends its frozen base (one copy of the weights for both networks)
+            None => match ValueModel::sharing_base(policy, &value_lora, s.looping.seed)? {
+                Some(v) => v,
+                None => ValueModel::from_base(
+                    &model,
+                    &value_lora,
+                    ctx.dtype,
+                    &ctx.device,
+                    s.looping.seed,
+                )?,
+            },
         };
         if s.normalize_reward && value.stats.is_none() {
             bail!("--normalize-reward needs --reward-model rm/ with `mean` and `std` in its config.json");
