@@ -267,9 +267,23 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
                 .collect();
             out.insert(prefix.to_string(), parts.join(" "));
         }
+        Value::Number(n) => {
+            out.insert(prefix.to_string(), number(n));
+        }
         other => {
             out.insert(prefix.to_string(), other.to_string());
         }
+    }
+}
+
+/// A setting's number as people write it: small and large floats in exponent form, whatever
+/// JSON made of them (a learning rate 2e-5 reads back as `0.00002`, 5e-6 as `5e-6`).
+fn number(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(x) if n.is_f64() && x != 0.0 && !(1e-3..1e6).contains(&x.abs()) => {
+            format!("{x:e}")
+        }
+        _ => n.to_string(),
     }
 }
 
@@ -1244,5 +1258,22 @@ fn best_lrs(
         best_full_lr: bf,
         ratio,
         line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_settings_read_in_exponent_form() {
+        let v = serde_json::json!({"lr": 2e-5, "b": 5e-6, "beta": 0.1, "steps": 80, "z": 0.0});
+        let mut m = BTreeMap::new();
+        flatten("", &v, &mut m);
+        assert_eq!(m["lr"], "2e-5");
+        assert_eq!(m["b"], "5e-6");
+        assert_eq!(m["beta"], "0.1");
+        assert_eq!(m["steps"], "80");
+        assert_eq!(m["z"], "0.0");
     }
 }
