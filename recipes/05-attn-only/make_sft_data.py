@@ -1,6 +1,8 @@
 """Write the SFT sets of recipe 05 from GSM8K (../../../shared/data/, MIT):
 
-    python make_sft_data.py [SHARED_DATA_DIR] [OUT_DIR]    # OUT_DIR/sft-{train,eval}.parquet
+    python make_sft_data.py [SHARED_DATA_DIR] [OUT_DIR] [TRAIN_ROWS]
+                            # OUT_DIR/sft-{train,eval}.parquet; with TRAIN_ROWS, only
+                            # sft-train.parquet, of that many rows (recipe 04 writes its 640)
 
 Each row: `messages`, a two-message chat [{user: question}, {assistant: reasoning "#### n"}]
 that the model's chat template renders (the assistant message is the completion, trained on
@@ -31,10 +33,13 @@ def main():
     shared = Path(sys.argv[1]) if len(sys.argv) > 1 else here / "../../../shared/data"
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "data"
     out.mkdir(parents=True, exist_ok=True)
-    for name, src, n, seed in (
+    sets = [
         ("sft-train", "gsm8k-train.parquet", TRAIN, 20261204),
         ("sft-eval", "gsm8k-test.parquet", EVAL, 20261205),
-    ):
+    ]
+    if len(sys.argv) > 3:
+        sets = [("sft-train", "gsm8k-train.parquet", int(sys.argv[3]), 20261204)]
+    for name, src, n, seed in sets:
         part = rows(shared / src, n, seed)
         table = pa.table(
             {
