@@ -78,15 +78,24 @@ fn p(x: &Path) -> String {
     x.display().to_string()
 }
 
+/// `align COMMAND --model <tiny llama> DATA_FLAG DATA FLAGS... --steps STEPS --out OUT`.
+fn command(
+    cmd: &str,
+    (data_flag, data): (&str, PathBuf),
+    flags: &[&str],
+    out: &Path,
+    steps: u32,
+) -> Vec<String> {
+    let mut v = strs(&[cmd, "--model"]);
+    v.extend([p(&fx("models/llama")), data_flag.into(), p(&data)]);
+    v.extend(strs(flags));
+    v.extend(["--steps".into(), steps.to_string(), "--out".into(), p(out)]);
+    v
+}
+
 /// DPO on the tiny llama: a global batch of 2 × 2 micro-batches of 2 pairs.
 fn dpo(out: &Path, steps: u32) -> Vec<String> {
-    let mut v = strs(&["dpo", "--model"]);
-    v.extend([
-        p(&fx("models/llama")),
-        "--data".into(),
-        p(&fx("pairs.parquet")),
-    ]);
-    v.extend(strs(&[
+    let flags = [
         "--rank",
         "2",
         "--batch-size",
@@ -99,22 +108,12 @@ fn dpo(out: &Path, steps: u32) -> Vec<String> {
         "48",
         "--lr",
         "1e-3",
-        "--steps",
-    ]));
-    v.push(steps.to_string());
-    v.push("--out".into());
-    v.push(p(out));
-    v
+    ];
+    command("dpo", ("--data", fx("pairs.parquet")), &flags, out, steps)
 }
 
 fn sft(out: &Path, steps: u32) -> Vec<String> {
-    let mut v = strs(&["sft", "--model"]);
-    v.extend([
-        p(&fx("models/llama")),
-        "--data".into(),
-        p(&common::root().join("datasets/data/hh-sample.parquet")),
-    ]);
-    v.extend(strs(&[
+    let flags = [
         "--rank",
         "2",
         "--batch-size",
@@ -125,22 +124,21 @@ fn sft(out: &Path, steps: u32) -> Vec<String> {
         "96",
         "--lr",
         "1e-3",
-        "--steps",
-    ]));
-    v.push(steps.to_string());
-    v.push("--out".into());
-    v.push(p(out));
-    v
+    ];
+    command(
+        "sft",
+        (
+            "--data",
+            common::root().join("datasets/data/hh-sample.parquet"),
+        ),
+        &flags,
+        out,
+        steps,
+    )
 }
 
 fn grpo(out: &Path, steps: u32) -> Vec<String> {
-    let mut v = strs(&["grpo", "--model"]);
-    v.extend([
-        p(&fx("models/llama")),
-        "--prompts".into(),
-        p(&fx("generation/demo_prompts.parquet")),
-    ]);
-    v.extend(strs(&[
+    let flags = [
         "--reward",
         "char_fraction",
         "--chars",
@@ -157,23 +155,19 @@ fn grpo(out: &Path, steps: u32) -> Vec<String> {
         "2",
         "--lr",
         "1e-3",
-        "--steps",
-    ]));
-    v.push(steps.to_string());
-    v.push("--out".into());
-    v.push(p(out));
-    v
+    ];
+    command(
+        "grpo",
+        ("--prompts", fx("generation/demo_prompts.parquet")),
+        &flags,
+        out,
+        steps,
+    )
 }
 
 /// Reward-model training: LoRA r=2 and the score head, 2 pairs × 2 micro-batches per step.
 fn rm(out: &Path, steps: u32) -> Vec<String> {
-    let mut v = strs(&["rm", "--model"]);
-    v.extend([
-        p(&fx("models/llama")),
-        "--data".into(),
-        p(&fx("pairs.parquet")),
-    ]);
-    v.extend(strs(&[
+    let flags = [
         "--rank",
         "2",
         "--batch-size",
@@ -186,24 +180,14 @@ fn rm(out: &Path, steps: u32) -> Vec<String> {
         "32",
         "--lr",
         "5e-3",
-        "--steps",
-    ]));
-    v.push(steps.to_string());
-    v.push("--out".into());
-    v.push(p(out));
-    v
+    ];
+    command("rm", ("--data", fx("pairs.parquet")), &flags, out, steps)
 }
 
 /// PPO with a verifier reward and a value model from the base: 4 rollouts per batch, one
 /// mini-batch of 2 micro-batches of 2, 2 PPO epochs (so 2 optimizer steps per rollout batch).
 fn ppo(out: &Path, steps: u32) -> Vec<String> {
-    let mut v = strs(&["ppo", "--model"]);
-    v.extend([
-        p(&fx("models/llama")),
-        "--prompts".into(),
-        p(&fx("generation/demo_prompts.parquet")),
-    ]);
-    v.extend(strs(&[
+    let flags = [
         "--reward",
         "char_fraction",
         "--chars",
@@ -222,12 +206,14 @@ fn ppo(out: &Path, steps: u32) -> Vec<String> {
         "2",
         "--lr",
         "1e-3",
-        "--steps",
-    ]));
-    v.push(steps.to_string());
-    v.push("--out".into());
-    v.push(p(out));
-    v
+    ];
+    command(
+        "ppo",
+        ("--prompts", fx("generation/demo_prompts.parquet")),
+        &flags,
+        out,
+        steps,
+    )
 }
 
 /// Every tensor of a safetensors file as f32 values, by name.
