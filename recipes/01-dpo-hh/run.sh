@@ -11,28 +11,17 @@
 # scripts/fetch-smollm2.sh), OUT (default runs/recipes/01-dpo-hh), HH (the HH parquet).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here/../.."
-align=${ALIGN:-target/release/align}
+source "$here/../lib.sh"
+recipe_setup 01-dpo-hh
 py=${PYTHON:-python3}
-model=${MODEL:-target/smollm2/model}
-out=${OUT:-runs/recipes/01-dpo-hh}
 hh=${HH:-../shared/data/hh-rlhf-harmless.parquet}
-[ -x "$align" ] || cargo build --release
-[ -f "$model/config.json" ] || scripts/fetch-smollm2.sh "$model"
-mkdir -p "$out"
 # 1,400 train / 600 held-out rows with a fixed permutation (the split of docs/dpo.md)
 mkdir -p "$out/data"
 [ -f "$out/data/prefs-eval.parquet" ] || "$py" scripts/make_default_data.py "$hh" "$out/data" hh 1400 600
 
 train() { # NAME CONFIG
-    if [ -d "$out/$1/adapter" ] || [ -d "$out/$1/model" ]; then
-        echo "$1: done already"
-    elif ls -d "$out/$1"/checkpoint-* >/dev/null 2>&1; then
-        "$align" dpo --resume "$out/$1"
-    else
-        "$align" dpo --config "$here/$2" --model "$model" --data "$out/data/prefs-train.parquet" \
-            --eval-data "$out/data/prefs-eval.parquet" --out "$out/$1" --overwrite
-    fi
+    run_once dpo "$1" --config "$here/$2" --model "$model" --data "$out/data/prefs-train.parquet" \
+        --eval-data "$out/data/prefs-eval.parquet"
 }
 train full full.toml
 train lora-r4 lora.toml

@@ -15,35 +15,18 @@
 # them).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here/../.."
-align=${ALIGN:-target/release/align}
-model=${MODEL:-target/smollm2/model}
-out=${OUT:-runs/recipes/02-grpo-arith}
-[ -x "$align" ] || cargo build --release
-[ -f "$model/config.json" ] || scripts/fetch-smollm2.sh "$model"
-mkdir -p "$out"
+source "$here/../lib.sh"
+recipe_setup 02-grpo-arith
 
 train() { # COMMAND NAME CONFIG
-    if [ -d "$out/$2/adapter" ] || [ -d "$out/$2/model" ]; then
-        echo "$2: done already"
-    elif ls -d "$out/$2"/checkpoint-* >/dev/null 2>&1; then
-        "$align" "$1" --resume "$out/$2"
-    else
-        "$align" "$1" --config "$here/$3" --model "$model" --prompts "$here/data/train.parquet" \
-            --eval-data "$here/data/eval.parquet" --out "$out/$2" --overwrite
-    fi
+    run_once "$1" "$2" --config "$here/$3" --model "$model" --prompts "$here/data/train.parquet" \
+        --eval-data "$here/data/eval.parquet"
 }
 # every final model on the same 80 held-out prompts, 8 completions each with the same seeds;
 # a parity margin of 0.05 reward (the eval set is small: 80 prompts)
 compare() { # OUT RUN...   (skipped when OUT/report.json exists: delete OUT to redo it)
-    local dst=$1
-    shift
-    if [ -f "$dst/report.json" ]; then
-        echo "$dst: done already"
-        return
-    fi
-    "$align" compare "$@" --eval-data "$here/data/eval.parquet" --samples 8 --margin 0.05 \
-        --batch-size 64 --out "$dst"
+    compare_once "$@" --eval-data "$here/data/eval.parquet" --samples 8 --margin 0.05 \
+        --batch-size 64
 }
 train grpo full full.toml
 train grpo lora-r1 lora-r1.toml

@@ -15,21 +15,12 @@
 # them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here/../.."
-align=${ALIGN:-target/release/align}
-model=${MODEL:-target/smollm2/model}
-out=${OUT:-runs/recipes/03-lr-sweep}
+source "$here/../lib.sh"
+recipe_setup 03-lr-sweep
 task=$here/../02-grpo-arith
-[ -x "$align" ] || cargo build --release
-[ -f "$model/config.json" ] || scripts/fetch-smollm2.sh "$model"
-mkdir -p "$out"
 # the config gives rank 4 / all-linear / alpha 32; --full ignores them for the full-FT points
 "$align" sweep grpo --config "$task/lora-r4.toml" --lr 5e-5,2e-4,8e-4 --full-lr 1.25e-6,5e-6,2e-5,8e-5 \
     --out "$out/sweep" -- --model "$model" --prompts "$task/data/train.parquet" \
     --eval-data "$task/data/eval.parquet"
-if [ -f "$out/compare/report.json" ]; then
-    echo "$out/compare: done already (delete it to redo)"
-else
-    "$align" compare "$out/sweep" --eval-data "$task/data/eval.parquet" --samples 8 \
-        --margin 0.05 --batch-size 64 --out "$out/compare"
-fi
+compare_once "$out/compare" "$out/sweep" --eval-data "$task/data/eval.parquet" --samples 8 \
+    --margin 0.05 --batch-size 64

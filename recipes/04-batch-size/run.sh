@@ -14,33 +14,16 @@
 # runs/recipes/04-batch-size).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here/../.."
-align=${ALIGN:-target/release/align}
-model=${MODEL:-target/smollm2/model}
-out=${OUT:-runs/recipes/04-batch-size}
+source "$here/../lib.sh"
+recipe_setup 04-batch-size
 eval=$here/../05-attn-only/data/sft-eval.parquet
-[ -x "$align" ] || cargo build --release
-[ -f "$model/config.json" ] || scripts/fetch-smollm2.sh "$model"
-mkdir -p "$out"
 
 sft() { # NAME
-    if [ -d "$out/$1/adapter" ] || [ -d "$out/$1/model" ]; then
-        echo "$1: done already"
-    elif ls -d "$out/$1"/checkpoint-* >/dev/null 2>&1; then
-        "$align" sft --resume "$out/$1"
-    else
-        "$align" sft --config "$here/$1.toml" --model "$model" --data "$here/data/sft-train.parquet" \
-            --eval-data "$eval" --out "$out/$1" --overwrite
-    fi
+    run_once sft "$1" --config "$here/$1.toml" --model "$model" \
+        --data "$here/data/sft-train.parquet" --eval-data "$eval"
 }
 compare() { # OUT RUN...  (skipped when OUT/report.json exists: delete OUT to redo it)
-    local dst=$1
-    shift
-    if [ -f "$dst/report.json" ]; then
-        echo "$dst: done already"
-        return
-    fi
-    "$align" compare "$@" --eval-data "$eval" --margin 0.02 --out "$dst"
+    compare_once "$@" --eval-data "$eval" --margin 0.02
 }
 for run in lora-b4 lora-b32 full-b32 full-b4; do sft "$run"; done
 compare "$out/compare-b4" "$out/full-b4" "$out/lora-b4"

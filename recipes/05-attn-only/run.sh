@@ -16,56 +16,30 @@
 # (cp -r) to skip them: this recipe trains them with the same configs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here/../.."
-align=${ALIGN:-target/release/align}
-model=${MODEL:-target/smollm2/model}
-out=${OUT:-runs/recipes/05-attn-only}
+source "$here/../lib.sh"
+recipe_setup 05-attn-only
 task=$here/../02-grpo-arith
-[ -x "$align" ] || cargo build --release
-[ -f "$model/config.json" ] || scripts/fetch-smollm2.sh "$model"
-mkdir -p "$out"
 
 train() { # NAME CONFIG
-    if [ -d "$out/$1/adapter" ] || [ -d "$out/$1/model" ]; then
-        echo "$1: done already"
-    elif ls -d "$out/$1"/checkpoint-* >/dev/null 2>&1; then
-        "$align" grpo --resume "$out/$1"
-    else
-        "$align" grpo --config "$2" --model "$model" --prompts "$task/data/train.parquet" \
-            --eval-data "$task/data/eval.parquet" --out "$out/$1" --overwrite
-    fi
+    run_once grpo "$1" --config "$2" --model "$model" --prompts "$task/data/train.parquet" \
+        --eval-data "$task/data/eval.parquet"
 }
 if [ "${RL:-1}" != 0 ]; then
 train full "$task/full.toml"
 train lora-r4 "$task/lora-r4.toml"
 train attn-r11 "$here/attn-r11.toml"
-if [ -f "$out/compare/report.json" ]; then
-    echo "$out/compare: done already (delete it to redo)"
-else
-    # all layers first: the baseline each other run is judged against
-    "$align" compare "$out/lora-r4" "$out/attn-r11" "$out/full" \
-        --eval-data "$task/data/eval.parquet" --samples 8 --margin 0.05 --batch-size 64 \
-        --out "$out/compare"
-fi
+# all layers first: the baseline each other run is judged against
+compare_once "$out/compare" "$out/lora-r4" "$out/attn-r11" "$out/full" \
+    --eval-data "$task/data/eval.parquet" --samples 8 --margin 0.05 --batch-size 64
 fi
 [ "${SFT:-1}" = 0 ] && exit 0
 
 sft() { # NAME CONFIG
-    if [ -d "$out/$1/adapter" ]; then
-        echo "$1: done already"
-    elif ls -d "$out/$1"/checkpoint-* >/dev/null 2>&1; then
-        "$align" sft --resume "$out/$1"
-    else
-        "$align" sft --config "$2" --model "$model" --data "$here/data/sft-train.parquet" \
-            --eval-data "$here/data/sft-eval.parquet" --out "$out/$1" --overwrite
-    fi
+    run_once sft "$1" --config "$2" --model "$model" --data "$here/data/sft-train.parquet" \
+        --eval-data "$here/data/sft-eval.parquet"
 }
 sft sft-all-r4 "$here/sft-all-r4.toml"
 sft sft-attn-r11 "$here/sft-attn-r11.toml"
-if [ -f "$out/compare-sft/report.json" ]; then
-    echo "$out/compare-sft: done already (delete it to redo)"
-else
-    # held-out NLL per chat, the all-layers run the baseline; margin 0.02 nats per token
-    "$align" compare "$out/sft-all-r4" "$out/sft-attn-r11" \
-        --eval-data "$here/data/sft-eval.parquet" --margin 0.02 --out "$out/compare-sft"
-fi
+# held-out NLL per chat, the all-layers run the baseline; margin 0.02 nats per token
+compare_once "$out/compare-sft" "$out/sft-all-r4" "$out/sft-attn-r11" \
+    --eval-data "$here/data/sft-eval.parquet" --margin 0.02
