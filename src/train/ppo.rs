@@ -672,6 +672,25 @@ fn head_entropy(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// The no-grad completion log-probs `[B, C]` of the policy and of the reference (the separate
+/// frozen copy of full fine-tuning, else the policy with its adapters off), detached.
+fn policy_and_reference_logps(
+    policy: &Policy,
+    reference: Option<&Policy>,
+    rb: &ResponseBatch,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (lp, _) = response_logps(policy, rb, temperature, SCORE_POLICY, Entropy::Off)?;
+    let (rp, _) = response_logps(
+        reference.unwrap_or(policy),
+        rb,
+        temperature,
+        SCORE_REFERENCE,
+        Entropy::Off,
+    )?;
+    Ok((lp.detach(), rp.detach()))
+}
+
 /// Values `[B, C]` at the positions that predict each completion token.
 fn response_values(value: &ValueModel, rb: &ResponseBatch, fwd: Fwd) -> Result<Tensor> {
     let h = value.hidden(&rb.ids_B_T, fwd)?;
@@ -735,13 +754,9 @@ pub fn process_rollouts(
     for (k, ch) in refs.chunks(chunk).enumerate() {
         let rb = response_batch(ch, pad, cd, &dev)?;
         let l = &lens[k * chunk..k * chunk + ch.len()];
-        let (lp, _) = response_logps(policy, &rb, cfg.temperature, SCORE_POLICY, Entropy::Off)?;
-        logp.extend(rows_of(&lp.detach(), l)?);
-        let (rp, _) = match reference {
-            Some(r) => response_logps(r, &rb, cfg.temperature, SCORE_REFERENCE, Entropy::Off)?,
-            None => response_logps(policy, &rb, cfg.temperature, SCORE_REFERENCE, Entropy::Off)?,
-        };
-        ref_logp.extend(rows_of(&rp.detach(), l)?);
+        let (lp, rp) = policy_and_reference_logps(policy, reference, &rb, cfg.temperature)?;
+        logp.extend(rows_of(&lp, l)?);
+        ref_logp.extend(rows_of(&rp, l)?);
         let v = response_values(value, &rb, SCORE_POLICY)?;
         values.extend(rows_of(&v.detach(), l)?);
     }
@@ -1211,12 +1226,8 @@ impl Ppo {
         for ch in refs.chunks(chunk) {
             let rb = response_batch(ch, self.pad, cd, policy.device())?;
             let t = self.cfg.temperature;
-            let (lp, _) = response_logps(policy, &rb, t, SCORE_POLICY, Entropy::Off)?;
-            let (rp, _) = match &self.reference {
-                Some(r) => response_logps(r, &rb, t, SCORE_REFERENCE, Entropy::Off)?,
-                None => response_logps(policy, &rb, t, SCORE_REFERENCE, Entropy::Off)?,
-            };
-            let d = ((lp.detach() - rp.detach())? * &rb.mask_B_C)?;
+            let (lp, rp) = policy_and_reference_logps(policy, self.reference.as_ref(), &rb, t)?;
+            let d = ((lp - rp)? * &rb.mask_B_C)?;
             kl_sum += d.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         }
         let n = samples.len().max(1) as f64;
@@ -1432,21 +1443,22 @@ impl Algorithm for Ppo {
                 self.kl.value(),
                 chunk,
             )?;
-            let rows: Vec<PpoRollout> = (0..b.samples.len())
-                .map(|i| PpoRollout {
-                    step: step as i64,
-                    prompt: prompts[i].clone(),
-                    completion: texts[i].clone(),
-                    score: b.scores[i],
-                    raw_score: raw[i],
-                    values: b.values[i].clone(),
-                    advantages: b.advantages[i].clone(),
-                    returns: b.returns[i].clone(),
-                    logp: b.logp[i].clone(),
-                    ref_logp: b.ref_logp[i].clone(),
-                })
-                .collect();
+            // rank 0 alone logs the rollouts: the other ranks do not build the rows
             if let Some(log) = self.log.as_mut() {
+                let rows: Vec<PpoRollout> = (0..b.samples.len())
+                    .map(|i| PpoRollout {
+                        step: step as i64,
+                        prompt: prompts[i].clone(),
+                        completion: texts[i].clone(),
+                        score: b.scores[i],
+                        raw_score: raw[i],
+                        values: b.values[i].clone(),
+                        advantages: b.advantages[i].clone(),
+                        returns: b.returns[i].clone(),
+                        logp: b.logp[i].clone(),
+                        ref_logp: b.ref_logp[i].clone(),
+                    })
+                    .collect();
                 log.append(rows);
             }
             for (k, v) in &b.metrics {
