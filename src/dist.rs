@@ -10,6 +10,11 @@
 //! writes the run folder (metrics, plots, checkpoints, the final adapter); every rank resumes
 //! from the same checkpoint.
 //!
+//! Work that is not a gradient — sampling and scoring GRPO/PPO rollouts, held-out evaluation —
+//! is shared out with [`shard_map`]: chunk `k` of `n` is computed by rank `k mod W`, its result
+//! (any [`Wire`] type: an exact little-endian codec, f32/f64 by their bits) broadcast from that
+//! rank, so that every rank returns all `n` results in order, as one process would.
+//!
 //! Backends, behind cargo features (the default build has neither and runs one process):
 //! * `mpi`: Open MPI / MPICH through rsmpi (`mpi` crate); gradients travel as one f32 buffer
 //!   per step through `MPI_Allreduce` (host memory, so for CPU runs).
@@ -39,8 +44,8 @@ pub trait Collective {
     /// Element-wise sum across ranks, in place.
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
-    /// Rank 0's bytes into `buf` on every rank (same length everywhere).
-    fn broadcast(&self, buf: &mut [u8]) -> Result<()>;
+    /// Rank `root`'s bytes into `buf` on every rank (same length everywhere).
+    fn broadcast(&self, root: usize, buf: &mut [u8]) -> Result<()>;
     fn barrier(&self) -> Result<()>;
     /// End the whole job (every rank) with `code`.
     fn abort(&self, code: i32) -> !;
@@ -151,9 +156,183 @@ pub fn broadcast_string(s: &str) -> Result<String> {
         if c.rank() == 0 {
             buf.copy_from_slice(s.as_bytes());
         }
-        c.broadcast(&mut buf)?;
+        c.broadcast(0, &mut buf)?;
         String::from_utf8(buf).map_err(|e| Error::Msg(format!("broadcast string: {e}")))
     })
+}
+
+/// Values that travel between ranks as bytes, exactly: numbers little-endian, floats as their
+/// bit patterns (a text format could round them), lengths as u64.
+pub trait Wire: Sized {
+    fn put(&self, out: &mut Vec<u8>);
+    fn take(buf: &mut &[u8]) -> Result<Self>;
+}
+
+fn take_bytes<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if buf.len() < n {
+        return Err(Error::Msg(format!(
+            "{}a message from another rank ended early ({} bytes left, {n} wanted)",
+            prefix(),
+            buf.len()
+        )));
+    }
+    let (a, b) = buf.split_at(n);
+    *buf = b;
+    Ok(a)
+}
+
+macro_rules! wire_number {
+    ($($t:ty),*) => {$(
+        impl Wire for $t {
+            fn put(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn take(buf: &mut &[u8]) -> Result<Self> {
+                let b = take_bytes(buf, std::mem::size_of::<$t>())?;
+                Ok(<$t>::from_le_bytes(b.try_into().expect("sized above")))
+            }
+        }
+    )*};
+}
+wire_number!(u8, u32, u64, f32, f64);
+
+impl Wire for usize {
+    fn put(&self, out: &mut Vec<u8>) {
+        (*self as u64).put(out)
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        Ok(u64::take(buf)? as usize)
+    }
+}
+
+impl Wire for () {
+    fn put(&self, _: &mut Vec<u8>) {}
+    fn take(_: &mut &[u8]) -> Result<Self> {
+        Ok(())
+    }
+}
+
+impl Wire for String {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.len().put(out);
+        out.extend_from_slice(self.as_bytes());
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        let n = usize::take(buf)?;
+        String::from_utf8(take_bytes(buf, n)?.to_vec())
+            .map_err(|e| Error::Msg(format!("{}a string from another rank: {e}", prefix())))
+    }
+}
+
+impl<T: Wire> Wire for Vec<T> {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.len().put(out);
+        for x in self {
+            x.put(out);
+        }
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        let n = usize::take(buf)?;
+        // every element takes at least a byte, except `()`: no allocation from a bad length
+        let mut v = Vec::with_capacity(n.min(buf.len()));
+        for _ in 0..n {
+            v.push(T::take(buf)?);
+        }
+        Ok(v)
+    }
+}
+
+impl<A: Wire, B: Wire> Wire for (A, B) {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        self.1.put(out);
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        Ok((A::take(buf)?, B::take(buf)?))
+    }
+}
+
+impl<A: Wire, B: Wire, C: Wire> Wire for (A, B, C) {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        self.1.put(out);
+        self.2.put(out);
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        Ok((A::take(buf)?, B::take(buf)?, C::take(buf)?))
+    }
+}
+
+impl<K: Wire + Ord, V: Wire> Wire for std::collections::BTreeMap<K, V> {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.len().put(out);
+        for (k, v) in self {
+            k.put(out);
+            v.put(out);
+        }
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        let n = usize::take(buf)?;
+        let mut m = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let k = K::take(buf)?;
+            m.insert(k, V::take(buf)?);
+        }
+        Ok(m)
+    }
+}
+
+/// Work cut into `n` chunks, shared out over the ranks: rank `r` computes `f(k)` for the
+/// chunks `k ≡ r (mod W)`, then the owner of each chunk broadcasts its result, so that every
+/// rank returns all `n` results in chunk order. A single process computes `f(0), …, f(n−1)`.
+/// A chunk's result must not depend on which rank computed it (the callers seed each chunk's
+/// random draws by its index): then W ranks return exactly what one process returns.
+pub fn shard_map<T: Wire>(n: usize, mut f: impl FnMut(usize) -> Result<T>) -> Result<Vec<T>> {
+    let (r, w) = (rank(), world());
+    if w <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let mut mine = Vec::new();
+    for k in (r..n).step_by(w) {
+        mine.push(f(k)?);
+    }
+    let mut mine = mine.into_iter();
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        let owner = k % w;
+        if owner == r {
+            let v = mine.next().expect("one result per owned chunk");
+            let mut bytes = Vec::new();
+            v.put(&mut bytes);
+            let mut len = (bytes.len() as u64).to_le_bytes();
+            with_comm(|c| -> Result<()> {
+                let c = c.expect("world > 1 has a communicator");
+                c.broadcast(owner, &mut len)?;
+                c.broadcast(owner, &mut bytes)
+            })?;
+            out.push(v);
+        } else {
+            let mut len = [0u8; 8];
+            let bytes = with_comm(|c| -> Result<Vec<u8>> {
+                let c = c.expect("world > 1 has a communicator");
+                c.broadcast(owner, &mut len)?;
+                let mut bytes = vec![0u8; u64::from_le_bytes(len) as usize];
+                c.broadcast(owner, &mut bytes)?;
+                Ok(bytes)
+            })?;
+            let mut rd = bytes.as_slice();
+            let v = T::take(&mut rd)?;
+            if !rd.is_empty() {
+                return Err(Error::Msg(format!(
+                    "{}chunk {k} from rank {owner}: {} bytes left over",
+                    prefix(),
+                    rd.len()
+                )));
+            }
+            out.push(v);
+        }
+    }
+    Ok(out)
 }
 
 /// Wait for every rank (no-op in a single process).
@@ -327,8 +506,8 @@ mod mpi_backend {
                 .all_reduce_into(&send[..], buf, SystemOperation::sum());
             Ok(())
         }
-        fn broadcast(&self, buf: &mut [u8]) -> Result<()> {
-            self.world.process_at_rank(0).broadcast_into(buf);
+        fn broadcast(&self, root: usize, buf: &mut [u8]) -> Result<()> {
+            self.world.process_at_rank(root as i32).broadcast_into(buf);
             Ok(())
         }
         fn barrier(&self) -> Result<()> {
@@ -376,7 +555,7 @@ mod nccl_backend {
         let mut bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
         with_comm(|c| {
             c.ok_or_else(|| Error::Msg("NCCL needs the MPI launcher".into()))?
-                .broadcast(&mut bytes)
+                .broadcast(0, &mut bytes)
         })?;
         let mut raw = [0 as std::ffi::c_char; 128];
         for (r, b) in raw.iter_mut().zip(&bytes) {
@@ -463,5 +642,82 @@ mod nccl_backend {
             off += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Wire + PartialEq + std::fmt::Debug>(v: &T) -> T {
+        let mut b = Vec::new();
+        v.put(&mut b);
+        let mut rd = b.as_slice();
+        let back = T::take(&mut rd).unwrap();
+        assert!(rd.is_empty(), "{} bytes left", rd.len());
+        back
+    }
+
+    #[test]
+    fn wire_keeps_every_bit() {
+        // floats by bit pattern: NaN payloads, -0, subnormals, the extremes
+        let f: Vec<f32> = vec![
+            f32::from_bits(0x7fc0_1234),
+            -0.0,
+            f32::from_bits(1),
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            0.1,
+            -3.4028235e38,
+        ];
+        let back = round_trip(&f);
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            f.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        let d = vec![
+            std::f64::consts::PI,
+            f64::from_bits(0x7ff8_0000_0000_0abc),
+            -0.0,
+        ];
+        let back = round_trip(&d);
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            d.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        let nested: (Vec<Vec<u32>>, String, usize) = (
+            vec![vec![], vec![1, u32::MAX]],
+            "é\u{0}x".into(),
+            usize::MAX,
+        );
+        assert_eq!(round_trip(&nested), nested);
+        assert_eq!(round_trip(&vec![(); 3]), vec![(); 3]);
+    }
+
+    #[test]
+    fn a_cut_message_is_an_error_not_a_panic() {
+        let mut b = Vec::new();
+        (vec![1u32, 2, 3], String::from("abc")).put(&mut b);
+        for cut in 0..b.len() {
+            let mut rd = &b[..cut];
+            assert!(<(Vec<u32>, String)>::take(&mut rd).is_err(), "cut at {cut}");
+        }
+        // a huge length reads as "ended early", without allocating it
+        let mut b = Vec::new();
+        (u64::MAX).put(&mut b);
+        let mut rd = b.as_slice();
+        assert!(Vec::<u8>::take(&mut rd).is_err());
+    }
+
+    #[test]
+    fn one_process_maps_the_chunks_in_order() {
+        let v = shard_map(5, |k| Ok(k * 10)).unwrap();
+        assert_eq!(v, vec![0, 10, 20, 30, 40]);
+        assert!(shard_map(3, |k| if k == 1 {
+            Err(Error::Msg("x".into()))
+        } else {
+            Ok(k)
+        })
+        .is_err());
     }
 }
