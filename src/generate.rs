@@ -20,6 +20,7 @@
 //!   EOS token is kept in `ids` but not in `text`), at a stop string (text cut right after it;
 //!   the token that completed it is kept in `ids`), or at `max_new_tokens`.
 
+use crate::dist::Wire;
 use crate::error::{Error, Result};
 use crate::lora::Fwd;
 use crate::models::transformer::KvCache;
@@ -505,31 +506,90 @@ pub fn generate(
         .collect()
 }
 
-/// [`generate`] in chunks of at most `batch_size` prompts (0 = all at once), calling
-/// `progress(done)` after each chunk.
+/// The seed of chunk `k` of a chunked generation: chunk 0 draws from `seed` itself, so a
+/// generation in one chunk samples exactly what [`generate`] with `StdRng::seed_from_u64(seed)`
+/// samples; every later chunk has a stream of its own, so that a chunk's completions do not
+/// depend on which process generated the chunks before it.
+pub fn chunk_seed(seed: u64, k: usize) -> u64 {
+    seed ^ (k as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Prompts per generation chunk: `gen_batch_size`, or with 0 all `n` prompts at once in one
+/// process and `⌈n / W⌉` on each of `W` data-parallel ranks (so that every rank generates).
+pub fn chunk_len(gen_batch_size: usize, n: usize) -> usize {
+    match gen_batch_size {
+        0 => n.div_ceil(crate::dist::world()).max(1),
+        g => g,
+    }
+}
+
+/// [`generate`] in chunks of `chunk` prompts (see [`chunk_len`]), chunk `k` sampling from
+/// [`chunk_seed`]`(seed, k)`; `then(k, completions)` runs on the process that generated chunk
+/// `k` (scoring, no-grad forwards) and its result travels with the completions. In a
+/// data-parallel job the chunks are shared out over the ranks ([`crate::dist::shard_map`])
+/// and every rank returns every chunk, in order: the same completions and results as one
+/// process with the same `chunk`.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_chunked(
+pub fn generate_chunked<R: Wire>(
     model: &CausalLm,
     tok: Option<&TokenizerBundle>,
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &SamplingConfig,
     fwd: Fwd,
-    rng: &mut StdRng,
-    batch_size: usize,
-    mut progress: impl FnMut(usize),
-) -> Result<Vec<Completion>> {
-    let bs = if batch_size == 0 {
-        prompts.len().max(1)
-    } else {
-        batch_size
-    };
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(bs) {
-        out.extend(generate(model, tok, chunk, pad_id, cfg, fwd, rng)?);
-        progress(out.len());
+    seed: u64,
+    chunk: usize,
+    mut then: impl FnMut(usize, &[Completion]) -> Result<R>,
+) -> Result<(Vec<Completion>, Vec<R>)> {
+    let chunk = chunk.max(1);
+    let n = prompts.len().div_ceil(chunk);
+    let parts = crate::dist::shard_map(n, |k| {
+        let ps = &prompts[k * chunk..((k + 1) * chunk).min(prompts.len())];
+        let mut rng = StdRng::seed_from_u64(chunk_seed(seed, k));
+        let comps = generate(model, tok, ps, pad_id, cfg, fwd, &mut rng)?;
+        let r = then(k, &comps)?;
+        Ok((comps, r))
+    })?;
+    let mut comps = Vec::with_capacity(prompts.len());
+    let mut rs = Vec::with_capacity(n);
+    for (c, r) in parts {
+        comps.extend(c);
+        rs.push(r);
     }
-    Ok(out)
+    Ok((comps, rs))
+}
+
+impl Wire for FinishReason {
+    fn put(&self, out: &mut Vec<u8>) {
+        (*self as u8).put(out)
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        match u8::take(buf)? {
+            0 => Ok(FinishReason::Eos),
+            1 => Ok(FinishReason::Stop),
+            2 => Ok(FinishReason::Length),
+            x => Err(Error::Msg(format!("finish reason {x} from another rank"))),
+        }
+    }
+}
+
+impl Wire for Completion {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.ids.put(out);
+        self.text.put(out);
+        self.logps.put(out);
+        self.entropies.put(out);
+        self.finish.put(out);
+    }
+    fn take(buf: &mut &[u8]) -> Result<Self> {
+        Ok(Completion {
+            ids: Wire::take(buf)?,
+            text: Wire::take(buf)?,
+            logps: Wire::take(buf)?,
+            entropies: Wire::take(buf)?,
+            finish: Wire::take(buf)?,
+        })
+    }
 }
 
 /// One row of [`bench`].

@@ -39,6 +39,41 @@ pub struct RewardInput<'a> {
     pub refs: &'a BTreeMap<String, String>,
 }
 
+impl<'a> RewardInput<'a> {
+    /// The inputs of generated completions: `comps[j]` answers the prompt `rec(off + j)`.
+    pub fn of(
+        comps: &'a [crate::generate::Completion],
+        off: usize,
+        rec: impl Fn(usize) -> &'a align_datasets::PromptRecord,
+    ) -> Vec<Self> {
+        comps
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                let r = rec(off + j);
+                RewardInput {
+                    prompt: &r.prompt,
+                    completion: &c.text,
+                    refs: &r.refs,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `reward.score(inputs)`, checked to give one score per input.
+pub fn score_checked(reward: &mut dyn RewardFn, inputs: &[RewardInput]) -> Result<Vec<f32>> {
+    let r = reward.score(inputs)?;
+    if r.len() != inputs.len() {
+        return Err(Error::Msg(format!(
+            "the reward returned {} scores for {} completions",
+            r.len(),
+            inputs.len()
+        )));
+    }
+    Ok(r)
+}
+
 /// A reward function over a batch.
 pub trait RewardFn {
     /// Short name used in metrics (`rewards/<name>`).

@@ -93,8 +93,10 @@ fn command(
     v
 }
 
-/// DPO on the tiny llama: a global batch of 2 × 2 micro-batches of 2 pairs.
+/// DPO on the tiny llama: a global batch of 2 × 2 micro-batches of 2 pairs; held-out
+/// evaluation in 3 batches, shared out over the ranks.
 fn dpo(out: &Path, steps: u32) -> Vec<String> {
+    let pairs = p(&fx("pairs.parquet"));
     let flags = [
         "--rank",
         "2",
@@ -108,11 +110,18 @@ fn dpo(out: &Path, steps: u32) -> Vec<String> {
         "48",
         "--lr",
         "1e-3",
+        "--eval-data",
+        &pairs,
+        "--eval-every",
+        "2",
+        "--eval-max-pairs",
+        "6",
     ];
     command("dpo", ("--data", fx("pairs.parquet")), &flags, out, steps)
 }
 
 fn sft(out: &Path, steps: u32) -> Vec<String> {
+    let data = p(&common::root().join("datasets/data/hh-sample.parquet"));
     let flags = [
         "--rank",
         "2",
@@ -124,6 +133,12 @@ fn sft(out: &Path, steps: u32) -> Vec<String> {
         "96",
         "--lr",
         "1e-3",
+        "--eval-data",
+        &data,
+        "--eval-every",
+        "2",
+        "--eval-max-examples",
+        "6",
     ];
     command(
         "sft",
@@ -137,7 +152,10 @@ fn sft(out: &Path, steps: u32) -> Vec<String> {
     )
 }
 
+/// GRPO: 2 prompts × 2 completions per step, sampled in chunks of 2 (one per rank on two
+/// ranks), 2 micro-batches; held-out reward on 6 prompts in 3 chunks.
 fn grpo(out: &Path, steps: u32) -> Vec<String> {
+    let prompts = p(&fx("generation/demo_prompts.parquet"));
     let flags = [
         "--reward",
         "char_fraction",
@@ -153,8 +171,16 @@ fn grpo(out: &Path, steps: u32) -> Vec<String> {
         "2",
         "--train-batch-size",
         "2",
+        "--gen-batch-size",
+        "2",
         "--lr",
         "1e-3",
+        "--eval-data",
+        &prompts,
+        "--eval-every",
+        "2",
+        "--eval-max-prompts",
+        "6",
     ];
     command(
         "grpo",
@@ -167,6 +193,7 @@ fn grpo(out: &Path, steps: u32) -> Vec<String> {
 
 /// Reward-model training: LoRA r=2 and the score head, 2 pairs × 2 micro-batches per step.
 fn rm(out: &Path, steps: u32) -> Vec<String> {
+    let pairs = p(&fx("pairs.parquet"));
     let flags = [
         "--rank",
         "2",
@@ -180,13 +207,21 @@ fn rm(out: &Path, steps: u32) -> Vec<String> {
         "32",
         "--lr",
         "5e-3",
+        "--eval-data",
+        &pairs,
+        "--eval-every",
+        "2",
+        "--eval-max-pairs",
+        "6",
     ];
     command("rm", ("--data", fx("pairs.parquet")), &flags, out, steps)
 }
 
-/// PPO with a verifier reward and a value model from the base: 4 rollouts per batch, one
-/// mini-batch of 2 micro-batches of 2, 2 PPO epochs (so 2 optimizer steps per rollout batch).
+/// PPO with a verifier reward and a value model from the base: 4 rollouts per batch sampled
+/// in chunks of 2, one mini-batch of 2 micro-batches of 2, 2 PPO epochs (so 2 optimizer steps
+/// per rollout batch); held-out reward and KL on 6 prompts in 3 chunks.
 fn ppo(out: &Path, steps: u32) -> Vec<String> {
+    let prompts = p(&fx("generation/demo_prompts.parquet"));
     let flags = [
         "--reward",
         "char_fraction",
@@ -202,10 +237,18 @@ fn ppo(out: &Path, steps: u32) -> Vec<String> {
         "2",
         "--train-batch-size",
         "2",
+        "--gen-batch-size",
+        "2",
         "--save-every",
         "2",
         "--lr",
         "1e-3",
+        "--eval-data",
+        &prompts,
+        "--eval-every",
+        "2",
+        "--eval-max-prompts",
+        "6",
     ];
     command(
         "ppo",
@@ -259,6 +302,24 @@ fn metric(dir: &Path, key: &str) -> Vec<f64> {
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+        .collect()
+}
+
+/// The `eval_*` values of each metrics line that has some.
+fn eval_lines(dir: &Path) -> Vec<std::collections::BTreeMap<String, f64>> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with("eval_"))
+                .filter_map(|(k, x)| Some((k.clone(), x.as_f64()?)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        })
+        .filter(|m| !m.is_empty())
         .collect()
 }
 
@@ -319,6 +380,24 @@ fn parity(
             (a - b).abs() <= 1e-5 * a.abs().max(1.0),
             "{name}: loss {a} vs {b}"
         );
+    }
+    // held-out metrics: the evaluation batches (or generation chunks) were shared out
+    let (e1, e2) = (eval_lines(&one), eval_lines(&two));
+    assert!(e1.len() >= 2, "{name}: evaluations: {e1:?}");
+    assert_eq!(e1.len(), e2.len(), "{name}: evaluation lines");
+    for (a, b) in e1.iter().zip(&e2) {
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (k, x) in a {
+            let y = b[k];
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "{name}: {k} {x} (one process) vs {y} (two ranks)"
+            );
+        }
     }
     Some(dir)
 }
@@ -469,4 +548,100 @@ fn a_killed_rank_ends_the_job_and_resume_continues_it() {
         d <= TOL,
         "resumed two-rank job differs from one process by {d:e}"
     );
+}
+
+/// Rollouts are shared out: with the default `--gen-batch-size 0`, each of two ranks samples
+/// and scores its half of every generation batch — the reward command logs the rank that ran
+/// it and how many completions it scored — and the job ends at the adapter of one process that
+/// samples in chunks of that half (chunk k draws from its own seed, wherever it runs).
+#[cfg(feature = "mpi")]
+fn rollouts_are_shared_out(cmd: &str, per_step: &[&str], steps: u32, batches: usize) {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("reward.log");
+    // reward: the JSON line's length mod 7 (varies with the completion); then one log line
+    let reward = format!(
+        "n=0; while read -r l; do n=$((n+1)); echo $(( ${{#l}} % 7 )); done; \
+         echo \"${{OMPI_COMM_WORLD_RANK:-one}} $n\" >> {}",
+        log.display()
+    );
+    let make = |out: &Path, extra: &[&str]| {
+        let mut flags = vec![
+            "--reward",
+            "command",
+            "--reward-command",
+            &reward,
+            "--rank",
+            "2",
+        ];
+        flags.extend(per_step);
+        flags.extend(["--lr", "1e-3"]);
+        flags.extend(extra);
+        command(
+            cmd,
+            ("--prompts", fx("generation/demo_prompts.parquet")),
+            &flags,
+            out,
+            steps,
+        )
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_ok(single(&make(&one, &["--gen-batch-size", "2"])));
+    let lines = |who: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').next() == Some(who))
+            .map(|l| l.split(' ').nth(1).unwrap().parse::<usize>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines("one"), vec![2; 2 * batches], "{cmd}: one process");
+    run_ok(mpirun(&make(&two, &[])));
+    for r in ["0", "1"] {
+        assert_eq!(
+            lines(r),
+            vec![2; batches],
+            "{cmd}: rank {r} scored its half of each batch:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    }
+    let d = adapter_diff(&one, &two);
+    eprintln!("{cmd} with shared-out rollouts: max |Δ| / max |w| = {d:e}");
+    assert!(d <= TOL, "{cmd}: the two-rank adapter differs by {d:e}");
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn grpo_rollouts_are_sampled_and_scored_on_every_rank() {
+    // 2 prompts × 2 completions per step, 3 steps
+    let per_step = [
+        "--max-new-tokens",
+        "4",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--train-batch-size",
+        "2",
+    ];
+    rollouts_are_shared_out("grpo", &per_step, 3, 3);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn ppo_rollouts_are_sampled_and_scored_on_every_rank() {
+    // 4 prompts per rollout batch, 2 PPO epochs = 2 steps per batch, 2 batches
+    let per_step = [
+        "--response-length",
+        "6",
+        "--prompts-per-step",
+        "4",
+        "--ppo-epochs",
+        "2",
+        "--train-batch-size",
+        "2",
+    ];
+    rollouts_are_shared_out("ppo", &per_step, 4, 2);
 }

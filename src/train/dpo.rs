@@ -575,7 +575,7 @@ impl Algorithm for Dpo {
             self.tok.chat_template.as_ref(),
         )?;
         let mut stats = TruncationStats::default();
-        let mut sums = Metrics::new();
+        let mut batches = Vec::new();
         let mut n = 0usize;
         let max = self.s.eval_max_pairs;
         while n < max {
@@ -591,14 +591,22 @@ impl Algorithm for Dpo {
             else {
                 break;
             };
+            n += b.pairs.len();
+            batches.push(b);
+        }
+        // the batches shared out over the ranks of a data-parallel job
+        let per_batch = crate::dist::shard_map(batches.len(), |i| {
+            let b = &batches[i];
+            Ok(dpo_batch(policy, &self.reference, b, self.pad, &self.cfg, false)?.1)
+        })?;
+        let mut sums = Metrics::new();
+        for (b, m) in batches.iter().zip(per_batch) {
             let k = b.pairs.len();
-            let (_, m) = dpo_batch(policy, &self.reference, &b, self.pad, &self.cfg, false)?;
             for (key, v) in m {
                 if key != "tokens" {
                     *sums.entry(format!("eval_{key}")).or_insert(0.0) += v * k as f64;
                 }
             }
-            n += k;
         }
         if n == 0 {
             crate::bail!("eval data: no usable pairs (skips: {})", stream.skips());

@@ -44,7 +44,11 @@
 //!   used as `logp_old` (importance ratios against the logging policy), otherwise the batch is
 //!   treated as on-policy.
 //! * Not implemented: `mask_truncated_completions`, entropy masking, GSPO/sequence-level IS,
-//!   reward weights, multiple processes.
+//!   reward weights.
+//! * Data parallel (`mpirun -np W`): the rollout batch is sampled and scored in chunks of
+//!   `--gen-batch-size` prompts shared out across the ranks (`generate::generate_chunked`), the
+//!   reference log-probs of each rank's own micro-batches only, and the loss's micro-batches
+//!   `i ≡ r (mod W)` with the gradients summed (see `dist`).
 
 //!
 //! # Evaluation
@@ -58,10 +62,10 @@ use super::settings::{self, AlgoSettings, LoopSettings, LoraSettings, OptimSetti
 use super::{Algorithm, Setup};
 use crate::bail;
 use crate::error::{Context, Result};
-use crate::generate::{encode_prompt, eos_ids, generate_chunked, SamplingConfig};
+use crate::generate::{chunk_len, encode_prompt, eos_ids, generate_chunked, SamplingConfig};
 use crate::lora::Fwd;
 use crate::policy::{Policy, TokenBatch, TrainMode};
-use crate::rewards::{build_reward, RewardFn, RewardInput, RewardOptions};
+use crate::rewards::{build_reward, score_checked, RewardFn, RewardInput, RewardOptions};
 use crate::trainer::Metrics;
 use align_algorithms::grpo::{
     group_advantages, grpo_loss, GrpoConfig, GrpoInputs, GrpoLossType, ScaleRewards,
@@ -71,8 +75,6 @@ use align_datasets::{
     TokenizerBundle,
 };
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -316,7 +318,8 @@ impl Algorithm for Grpo {
                     s.max_prompt_length,
                 )?);
             }
-            // rank 0 of a data-parallel job writes the log (every rank samples the same rollouts)
+            // rank 0 of a data-parallel job writes the log (every rank holds the whole batch:
+            // each samples its chunks and the results are broadcast)
             let writer = crate::dist::is_main()
                 .then(|| {
                     super::output::RolloutLog::open(
@@ -474,32 +477,25 @@ impl Algorithm for Grpo {
             return Ok(None);
         };
         let ids: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.clone()).collect();
+        let chunk = chunk_len(self.s.gen_batch_size, ids.len());
+        let reward = &mut on.reward;
         // the same seed at every evaluation: the curve compares the policies, not the dice
-        let mut rng = StdRng::seed_from_u64(self.s.looping.seed ^ 0xE7A1_5EED);
-        let comps = generate_chunked(
+        let (comps, rewards) = generate_chunked(
             &policy.model,
             Some(&on.tok),
             &ids,
             self.pad,
             &on.sampling,
             Fwd::POLICY,
-            &mut rng,
-            self.s.gen_batch_size,
-            |_| {},
+            self.s.looping.seed ^ 0xE7A1_5EED,
+            chunk,
+            |k, cs| {
+                let inputs = RewardInput::of(cs, k * chunk, |i| &prompts[i].0);
+                score_checked(reward.as_mut(), &inputs)
+                    .context("scoring the --eval-data completions")
+            },
         )?;
-        let inputs: Vec<RewardInput> = comps
-            .iter()
-            .zip(prompts)
-            .map(|(c, (rec, _))| RewardInput {
-                prompt: &rec.prompt,
-                completion: &c.text,
-                refs: &rec.refs,
-            })
-            .collect();
-        let rewards = on
-            .reward
-            .score(&inputs)
-            .context("scoring the --eval-data completions")?;
+        let rewards = rewards.concat();
         if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
             bail!(
                 "eval reward {r} (not finite) for the prompt at {}",
@@ -637,34 +633,23 @@ pub(crate) fn score_held_out(
         .iter()
         .flat_map(|(_, p)| std::iter::repeat_n(p.clone(), samples.max(1)))
         .collect();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let comps = generate_chunked(
+    let k = samples.max(1);
+    let chunk = gen_batch_size.max(1);
+    let (_, rewards) = generate_chunked(
         &policy.model,
         Some(tok),
         &ids,
         tok.pad_id(),
         sampling,
         Fwd::POLICY,
-        &mut rng,
-        gen_batch_size.max(1),
-        |_| {},
+        seed,
+        chunk,
+        |c, cs| {
+            let inputs = RewardInput::of(cs, c * chunk, |i| &prompts[i / k].0);
+            score_checked(reward, &inputs).context("scoring the held-out completions")
+        },
     )?;
-    let k = samples.max(1);
-    let inputs: Vec<RewardInput> = comps
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let rec = &prompts[i / k].0;
-            RewardInput {
-                prompt: &rec.prompt,
-                completion: &c.text,
-                refs: &rec.refs,
-            }
-        })
-        .collect();
-    let rewards = reward
-        .score(&inputs)
-        .context("scoring the held-out completions")?;
+    let rewards = rewards.concat();
     let mut out = Vec::with_capacity(prompts.len());
     for (j, (rec, _)) in prompts.iter().enumerate() {
         let r = &rewards[j * k..(j + 1) * k];
@@ -844,7 +829,9 @@ pub fn grpo_micro_loss(
     Ok((loss, metrics))
 }
 
-/// Reference log-probs of each sample (no graph), in order.
+/// Reference log-probs of each sample (no graph), in order, in chunks of `chunk` samples = the
+/// micro-batches. In a data-parallel job rank `r` computes only the chunks `k ≡ r (mod W)`,
+/// the micro-batches the trainer gives it, and leaves the others' rows empty.
 fn reference_logps(
     reference: &Policy,
     fwd: Fwd,
@@ -855,7 +842,12 @@ fn reference_logps(
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(samples.len());
     let refs: Vec<&Sample> = samples.iter().collect();
-    for ch in refs.chunks(chunk.max(1)) {
+    let (rank, world) = (crate::dist::rank(), crate::dist::world());
+    for (k, ch) in refs.chunks(chunk.max(1)).enumerate() {
+        if k % world != rank {
+            out.extend(ch.iter().map(|_| Vec::new()));
+            continue;
+        }
         let (lp, _) = completion_logps(reference, ch, pad, temperature, fwd)?;
         let rows: Vec<Vec<f32>> = lp.detach().to_dtype(DType::F32)?.to_vec2()?;
         for (s, r) in ch.iter().zip(rows) {
@@ -937,48 +929,37 @@ fn next_online_batch(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), g))
         .collect();
-    let mut rng = StdRng::seed_from_u64(
-        s.looping.seed ^ (step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
+    let seed = s.looping.seed ^ (step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let chunk = chunk_len(s.gen_batch_size, all.len());
     let t0 = Instant::now();
-    let comps = generate_chunked(
+    let mut score_s = 0.0;
+    let reward = &mut on.reward;
+    // each chunk is scored where it was generated (one rank's share in a data-parallel job)
+    let (comps, rewards) = generate_chunked(
         &policy.model,
         Some(&on.tok),
         &all,
         pad,
         &on.sampling,
         Fwd::POLICY,
-        &mut rng,
-        s.gen_batch_size,
-        |_| {},
+        seed,
+        chunk,
+        |k, cs| {
+            let t = Instant::now();
+            let inputs = RewardInput::of(cs, k * chunk, |i| &records[i / g]);
+            let r = score_checked(reward.as_mut(), &inputs).with_context(|| {
+                let mut rows: Vec<String> = (0..cs.len())
+                    .map(|j| records[(k * chunk + j) / g].source_row.to_string())
+                    .collect();
+                rows.dedup();
+                format!("scoring completions of the prompts at {}", rows.join(", "))
+            });
+            score_s += t.elapsed().as_secs_f64();
+            r
+        },
     )?;
-    let gen_s = t0.elapsed().as_secs_f64();
-    let inputs: Vec<RewardInput> = comps
-        .iter()
-        .enumerate()
-        .map(|(i, c)| RewardInput {
-            prompt: &records[i / g].prompt,
-            completion: &c.text,
-            refs: &records[i / g].refs,
-        })
-        .collect();
-    let rewards = on.reward.score(&inputs).with_context(|| {
-        format!(
-            "scoring completions of the prompts at {}",
-            records
-                .iter()
-                .map(|r| r.source_row.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
-    if rewards.len() != comps.len() {
-        bail!(
-            "the reward returned {} scores for {} completions",
-            rewards.len(),
-            comps.len()
-        );
-    }
+    let rewards = rewards.concat();
+    let gen_s = (t0.elapsed().as_secs_f64() - score_s).max(1e-9);
     if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
         bail!(
             "reward {r} (not finite) for completion {i} of the prompt at {}",

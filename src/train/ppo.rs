@@ -82,11 +82,15 @@ use super::settings::{self, AlgoSettings, LoopSettings, LoraSettings, OptimSetti
 use super::{Algorithm, Setup};
 use crate::bail;
 use crate::error::{Context, Error, Result};
-use crate::generate::{encode_prompt, eos_ids, generate_chunked, FinishReason, SamplingConfig};
+use crate::generate::{
+    chunk_len, encode_prompt, eos_ids, generate_chunked, FinishReason, SamplingConfig,
+};
 use crate::lora::{Fwd, LoraConfig};
 use crate::models::CausalLm;
 use crate::policy::{Policy, TrainMode};
-use crate::rewards::{build_reward, RewardFn, RewardInput, RewardModel, RewardOptions};
+use crate::rewards::{
+    build_reward, score_checked, RewardFn, RewardInput, RewardModel, RewardOptions,
+};
 use crate::trainer::Metrics;
 use align_algorithms::ops::{masked_mean, scalar_f64};
 use align_algorithms::ppo::{
@@ -751,14 +755,19 @@ pub fn process_rollouts(
     let (mut logp, mut ref_logp, mut values) = (Vec::new(), Vec::new(), Vec::new());
     let refs: Vec<&PpoSample> = samples.iter().collect();
     let chunk = if chunk == 0 { samples.len() } else { chunk };
-    for (k, ch) in refs.chunks(chunk).enumerate() {
+    // chunks shared out over the ranks of a data-parallel job, every rank gets all rows
+    let parts = crate::dist::shard_map(samples.len().div_ceil(chunk), |k| {
+        let ch = &refs[k * chunk..((k + 1) * chunk).min(refs.len())];
         let rb = response_batch(ch, pad, cd, &dev)?;
         let l = &lens[k * chunk..k * chunk + ch.len()];
         let (lp, rp) = policy_and_reference_logps(policy, reference, &rb, cfg.temperature)?;
-        logp.extend(rows_of(&lp, l)?);
-        ref_logp.extend(rows_of(&rp, l)?);
         let v = response_values(value, &rb, SCORE_POLICY)?;
-        values.extend(rows_of(&v.detach(), l)?);
+        Ok((rows_of(&lp, l)?, rows_of(&rp, l)?, rows_of(&v.detach(), l)?))
+    })?;
+    for (lp, rp, v) in parts {
+        logp.extend(lp);
+        ref_logp.extend(rp);
+        values.extend(v);
     }
     let c = lens.iter().copied().max().unwrap_or(1);
     let b = samples.len();
@@ -919,6 +928,37 @@ struct PpoState {
     episode: u64,
 }
 
+/// Raw scores of one chunk of completions: the reward function, or the reward model inside the
+/// value model at each sample's last token (one forward of the chunk).
+fn raw_scores(
+    reward: Option<&mut Box<dyn RewardFn>>,
+    value: &ValueModel,
+    pad: u32,
+    inputs: &[RewardInput],
+    samples: &[PpoSample],
+    dev: &Device,
+) -> Result<Vec<f32>> {
+    if let Some(r) = reward {
+        return score_checked(r.as_mut(), inputs);
+    }
+    let b = samples.len();
+    let t = samples
+        .iter()
+        .map(|x| x.prompt_ids.len() + x.completion_ids.len())
+        .max()
+        .unwrap_or(1);
+    let mut v = vec![pad; b * t];
+    let mut last = Vec::with_capacity(b);
+    for (i, x) in samples.iter().enumerate() {
+        for (j, &id) in x.prompt_ids.iter().chain(&x.completion_ids).enumerate() {
+            v[i * t + j] = id;
+        }
+        last.push(x.prompt_ids.len() + x.completion_ids.len() - 1);
+    }
+    let ids_B_T = Tensor::from_vec(v, (b, t), dev)?;
+    value.rm_scores(&ids_B_T, &last)
+}
+
 /// The PPO algorithm on the shared loop.
 pub struct Ppo {
     s: PpoSettings,
@@ -931,8 +971,8 @@ pub struct Ppo {
     /// `None`: score with the reward model inside the value model.
     reward: Option<Box<dyn RewardFn>>,
     sampling: SamplingConfig,
-    /// rollouts.parquet; `None` on ranks > 0 of a data-parallel job (every rank samples the
-    /// same rollouts; rank 0 writes them).
+    /// rollouts.parquet; `None` on ranks > 0 of a data-parallel job (every rank ends with the
+    /// whole rollout batch, sampled and scored chunk by chunk across the ranks; rank 0 writes it).
     log: Option<super::output::RolloutLog<PpoRollout>>,
     kl: KlController,
     episode: u64,
@@ -948,48 +988,6 @@ pub struct Ppo {
 }
 
 impl Ppo {
-    /// Samples per no-grad forward: `--gen-batch-size` (0 = all `n` at once).
-    fn forward_chunk(&self, n: usize) -> usize {
-        match self.s.gen_batch_size {
-            0 => n.max(1),
-            g => g,
-        }
-    }
-
-    /// Raw scores of completions: the reward function, or the reward model inside the value
-    /// model (at each sample's last token).
-    fn raw_scores(
-        &mut self,
-        policy: &Policy,
-        inputs: &[RewardInput],
-        samples: &[PpoSample],
-    ) -> Result<Vec<f32>> {
-        if let Some(r) = self.reward.as_mut() {
-            return r.score(inputs);
-        }
-        let chunk = self.forward_chunk(samples.len());
-        let mut out = Vec::with_capacity(samples.len());
-        for ch in samples.chunks(chunk) {
-            let b = ch.len();
-            let t = ch
-                .iter()
-                .map(|x| x.prompt_ids.len() + x.completion_ids.len())
-                .max()
-                .unwrap_or(1);
-            let mut v = vec![self.pad; b * t];
-            let mut last = Vec::with_capacity(b);
-            for (i, x) in ch.iter().enumerate() {
-                for (j, &id) in x.prompt_ids.iter().chain(&x.completion_ids).enumerate() {
-                    v[i * t + j] = id;
-                }
-                last.push(x.prompt_ids.len() + x.completion_ids.len() - 1);
-            }
-            let ids_B_T = Tensor::from_vec(v, (b, t), policy.device())?;
-            out.extend(self.value.rm_scores(&ids_B_T, &last)?);
-        }
-        Ok(out)
-    }
-
     /// Steps 1–2: sample, score, normalise/penalise/clip.
     fn rollouts(
         &mut self,
@@ -1017,43 +1015,37 @@ impl Ppo {
             prompts.push(rec.prompt.clone());
             recs.push(rec);
         }
-        let mut rng = StdRng::seed_from_u64(
-            s.looping.seed ^ (step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let seed = s.looping.seed ^ (step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let chunk = chunk_len(s.gen_batch_size, ids.len());
+        let (pad, eos, dev) = (self.pad, self.tok.eos_id, policy.device());
+        let (reward, value) = (&mut self.reward, &self.value);
         let t0 = Instant::now();
-        let comps = generate_chunked(
+        let mut score_s = 0.0;
+        // each chunk is scored where it was generated (one rank's share in a data-parallel job)
+        let (comps, raw) = generate_chunked(
             &policy.model,
             Some(&self.tok),
             &ids,
-            self.pad,
+            pad,
             &self.sampling,
             Fwd::POLICY,
-            &mut rng,
-            s.gen_batch_size,
-            |_| {},
+            seed,
+            chunk,
+            |k, cs| {
+                let t = Instant::now();
+                let off = k * chunk;
+                let samples = samples_of(cs, &ids[off..off + cs.len()], eos);
+                let inputs = RewardInput::of(cs, off, |i| &recs[i]);
+                let r = raw_scores(reward.as_mut(), value, pad, &inputs, &samples, dev)
+                    .context("scoring the completions");
+                score_s += t.elapsed().as_secs_f64();
+                r
+            },
         )?;
-        let gen_s = t0.elapsed().as_secs_f64();
-        let samples = samples_of(&comps, &ids, self.tok.eos_id);
-        let inputs: Vec<RewardInput> = comps
-            .iter()
-            .zip(&recs)
-            .map(|(c, rec)| RewardInput {
-                prompt: &rec.prompt,
-                completion: &c.text,
-                refs: &rec.refs,
-            })
-            .collect();
-        let raw = self
-            .raw_scores(policy, &inputs, &samples)
-            .context("scoring the completions")?;
+        let raw = raw.concat();
+        let gen_s = (t0.elapsed().as_secs_f64() - score_s).max(1e-9);
+        let samples = samples_of(&comps, &ids, eos);
         let s = &self.s;
-        if raw.len() != samples.len() {
-            bail!(
-                "the reward returned {} scores for {} completions",
-                raw.len(),
-                samples.len()
-            );
-        }
         if let Some((i, r)) = raw.iter().enumerate().find(|(_, r)| !r.is_finite()) {
             bail!(
                 "score {r} (not finite) for the completion of the prompt at {}",
@@ -1179,38 +1171,42 @@ impl Ppo {
         prompts: &[(align_datasets::PromptRecord, Vec<u32>)],
     ) -> Result<Metrics> {
         let ids: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.clone()).collect();
-        // the same seed at every evaluation: the curve compares the policies, not the dice
-        let mut rng = StdRng::seed_from_u64(self.s.looping.seed ^ 0xE7A1_5EED);
-        let comps = generate_chunked(
+        let chunk = chunk_len(self.s.gen_batch_size, ids.len());
+        let (pad, eos, dev) = (self.pad, self.tok.eos_id, policy.device());
+        let cd = crate::ops::compute_dtype(policy.dtype());
+        let (reward, value, reference) = (&mut self.reward, &self.value, self.reference.as_ref());
+        let t = self.cfg.temperature;
+        // the same seed at every evaluation: the curve compares the policies, not the dice;
+        // each chunk scored, and its KL to the reference (k1, summed over tokens) measured,
+        // where it was generated
+        let (comps, parts) = generate_chunked(
             &policy.model,
             Some(&self.tok),
             &ids,
-            self.pad,
+            pad,
             &self.sampling,
             Fwd::POLICY,
-            &mut rng,
-            self.s.gen_batch_size,
-            |_| {},
+            self.s.looping.seed ^ 0xE7A1_5EED,
+            chunk,
+            |k, cs| {
+                let off = k * chunk;
+                let samples = samples_of(cs, &ids[off..off + cs.len()], eos);
+                let inputs = RewardInput::of(cs, off, |i| &prompts[i].0);
+                let raw = raw_scores(reward.as_mut(), value, pad, &inputs, &samples, dev)
+                    .context("scoring the --eval-data completions")?;
+                let refs: Vec<&PpoSample> = samples.iter().collect();
+                let rb = response_batch(&refs, pad, cd, dev)?;
+                let (lp, rp) = policy_and_reference_logps(policy, reference, &rb, t)?;
+                let d = ((lp - rp)? * &rb.mask_B_C)?;
+                let kl = d.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+                Ok((raw, kl))
+            },
         )?;
-        let samples = samples_of(&comps, &ids, self.tok.eos_id);
-        let inputs: Vec<RewardInput> = comps
-            .iter()
-            .zip(prompts)
-            .map(|(c, (rec, _))| RewardInput {
-                prompt: &rec.prompt,
-                completion: &c.text,
-                refs: &rec.refs,
-            })
-            .collect();
-        let raw = self
-            .raw_scores(policy, &inputs, &samples)
-            .context("scoring the --eval-data completions")?;
-        if raw.len() != samples.len() {
-            bail!(
-                "the reward returned {} scores for {} eval completions",
-                raw.len(),
-                samples.len()
-            );
+        let mut raw = Vec::with_capacity(comps.len());
+        let mut kl_sum = 0f64;
+        for (r, kl) in parts {
+            raw.extend(r);
+            kl_sum += kl;
         }
         if let Some((i, r)) = raw.iter().enumerate().find(|(_, r)| !r.is_finite()) {
             bail!(
@@ -1218,19 +1214,7 @@ impl Ppo {
                 prompts[i].0.source_row
             );
         }
-        // KL to the reference on the sampled completions (k1, summed over tokens)
-        let cd = crate::ops::compute_dtype(policy.dtype());
-        let refs: Vec<&PpoSample> = samples.iter().collect();
-        let chunk = self.forward_chunk(samples.len());
-        let mut kl_sum = 0f64;
-        for ch in refs.chunks(chunk) {
-            let rb = response_batch(ch, self.pad, cd, policy.device())?;
-            let t = self.cfg.temperature;
-            let (lp, rp) = policy_and_reference_logps(policy, self.reference.as_ref(), &rb, t)?;
-            let d = ((lp - rp)? * &rb.mask_B_C)?;
-            kl_sum += d.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        }
-        let n = samples.len().max(1) as f64;
+        let n = comps.len().max(1) as f64;
         let mut m = Metrics::new();
         m.insert(
             "eval_reward".into(),

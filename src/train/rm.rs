@@ -375,8 +375,7 @@ impl Rm {
             self.tok.chat_template.as_ref(),
         )?;
         let mut stats = TruncationStats::default();
-        let mut sums = Metrics::new();
-        let mut rewards = Vec::new();
+        let mut batches = Vec::new();
         let mut n = 0usize;
         let max = self.s.eval_max_pairs;
         while n < max {
@@ -392,15 +391,24 @@ impl Rm {
             else {
                 break;
             };
+            n += b.pairs.len();
+            batches.push(b);
+        }
+        // the batches shared out over the ranks of a data-parallel job
+        let per_batch = crate::dist::shard_map(batches.len(), |i| {
+            let (_, m, r) = self.rm_batch(policy, &batches[i], false)?;
+            Ok((m, r))
+        })?;
+        let mut sums = Metrics::new();
+        let mut rewards = Vec::new();
+        for (b, (m, r)) in batches.iter().zip(per_batch) {
             let k = b.pairs.len();
-            let (_, m, r) = self.rm_batch(policy, &b, false)?;
             rewards.extend(r);
             for (key, v) in m {
                 if !matches!(key.as_str(), "tokens" | "min_reward" | "max_reward") {
                     *sums.entry(key).or_insert(0.0) += v * k as f64;
                 }
             }
-            n += k;
         }
         if n == 0 {
             crate::bail!("{what}: no usable pairs (skips: {})", stream.skips());

@@ -555,12 +555,18 @@ fn batch_loss(
 
 /// Token-weighted mean loss over (at most `max`) held-out examples.
 fn evaluate(policy: &Policy, exs: &[Example], pad: u32, bs: usize, max: usize) -> Result<Metrics> {
-    let (mut nll, mut n) = (0.0, 0.0);
-    for chunk in exs[..exs.len().min(max)].chunks(bs.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+    let exs = &exs[..exs.len().min(max)];
+    let bs = bs.max(1);
+    // the batches shared out over the ranks of a data-parallel job
+    let per_batch = crate::dist::shard_map(exs.len().div_ceil(bs), |k| {
+        let refs: Vec<&Example> = exs[k * bs..((k + 1) * bs).min(exs.len())].iter().collect();
         let (_, m) = batch_loss(policy, &refs, pad, false)?;
-        nll += m["loss"] * m["num_tokens"];
-        n += m["num_tokens"];
+        Ok((m["loss"], m["num_tokens"]))
+    })?;
+    let (mut nll, mut n) = (0.0, 0.0);
+    for (loss, tokens) in per_batch {
+        nll += loss * tokens;
+        n += tokens;
     }
     let mut out = Metrics::new();
     let loss = nll / n.max(1.0);
