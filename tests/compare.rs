@@ -279,6 +279,72 @@ fn sft_runs_are_compared_by_heldout_nll() {
     // higher NLL for the run trained on shuffled words, with an interval excluding 0
     assert!(v["diff"]["lo"].as_f64().unwrap() > 0.0, "{v:#}");
     assert!(stdout.contains("sft ahead of sft-shuffled"), "{stdout}");
+
+    // --against-start: every run judged against the model it started from (no adapter), on
+    // the same items.
+    let out = dir.path().join("cmp-start");
+    let mut cmd = align();
+    cmd.arg("compare")
+        .arg(&a)
+        .arg(&bad)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--max-items",
+            "96",
+            "--resamples",
+            "2000",
+            "--against-start",
+        ]);
+    let (stdout, _) = run_ok(&mut cmd);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let against: Vec<&serde_json::Value> = report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["baseline"] == "start")
+        .collect();
+    assert_eq!(against.len(), 2, "{report:#}");
+    // the run trained on word-shuffled replies is behind its own start model
+    let w = against.iter().find(|v| v["run"] == "sft-shuffled").unwrap();
+    assert_eq!(w["verdict"]["verdict"], "ahead", "{w:#}");
+    assert_eq!(w["verdict"]["ahead"], "a", "{w:#}");
+    assert!(w["diff"]["lo"].as_f64().unwrap() > 0.0, "{w:#}");
+    assert!(
+        stdout.contains("sft-shuffled: start ahead of sft-shuffled by"),
+        "{stdout}"
+    );
+    // the start model's items are scored once: the same mean under both verdicts, and the
+    // run trained on the real replies is closer to it than the shuffled one
+    let v = against.iter().find(|v| v["run"] == "sft").unwrap();
+    assert_eq!(w["diff"]["mean_a"], v["diff"]["mean_a"], "{w:#}");
+    assert!(
+        v["diff"]["diff"].as_f64().unwrap() < w["diff"]["diff"].as_f64().unwrap(),
+        "{v:#}"
+    );
+    assert!(
+        report["verdicts"].as_array().unwrap().len() == 3,
+        "{report:#}"
+    );
+
+    // a DPO start model has no score of its own: refused, not a meaningless verdict
+    let dpo_run = dir.path().join("dpo");
+    dpo(&dpo_run, &assets("prefs-train.parquet"), &[]);
+    let refused = align()
+        .arg("compare")
+        .arg(&dpo_run)
+        .arg("--against-start")
+        .arg("--out")
+        .arg(dir.path().join("cmp-dpo-start"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--against-start") && err.contains("dpo"),
+        "{err}"
+    );
 }
 
 /// `align compare RUNS --out OUT` on the first 16 held-out prompts with one sample each from

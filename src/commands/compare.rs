@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Example:\n  align compare runs/dpo-full runs/dpo-lora --eval-data heldout.parquet --out runs/compare\n\n\
-The verdict rule (also written in report.md): d = mean over held-out items of (run - baseline), \
-oriented so that positive is better, with a paired percentile bootstrap interval [lo, hi]. \
+The verdict rule (also written in report.md): d = mean over held-out items of (run - baseline) \
+(for loss and NLL, lower is better: a negative d favours the run), with a paired percentile bootstrap interval [lo, hi]. \
 Parity: the whole interval lies within +-margin. Ahead: the interval excludes 0 (and is not \
 within the margin). Inconclusive: the interval contains 0 but reaches past the margin — more \
 held-out items are needed."
@@ -69,6 +69,11 @@ pub struct Args {
     /// GRPO runs: completions sampled per held-out prompt (their mean reward is the prompt's score).
     #[arg(long, default_value_t = 4)]
     pub samples: usize,
+    /// Also score the model the runs started from (the baseline run's start model with no
+    /// trained weights, under the baseline's settings) and judge every run against it: did
+    /// training help at all, on held-out items? SFT, GRPO and PPO runs (a DPO or reward-model start has no score of its own).
+    #[arg(long)]
+    pub against_start: bool,
     /// Start model for runs whose settings.json names a model folder that is not found from here.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -110,6 +115,7 @@ impl Algorithm {
 }
 
 /// One run folder, read.
+#[derive(Clone)]
 pub struct Run {
     pub dir: PathBuf,
     pub name: String,
@@ -117,6 +123,9 @@ pub struct Run {
     pub metrics: Vec<Map<String, Value>>,
     pub algorithm: Algorithm,
     pub full: bool,
+    /// A stand-in for the model a run started from (`--against-start`): scored without any
+    /// trained weights.
+    pub start_model: bool,
 }
 
 impl Run {
@@ -166,6 +175,7 @@ impl Run {
             metrics,
             algorithm,
             full,
+            start_model: false,
         })
     }
 
@@ -522,6 +532,9 @@ fn final_policy(run: &Run, args: &Args) -> Result<(Policy, PathBuf)> {
     let device = args.dev.device()?;
     let dtype = args.dev.dtype()?;
     let start = resolve_model(run, args.model.as_deref())?;
+    if run.start_model {
+        return Ok((load_frozen(&start, None, dtype, &device)?.0, start));
+    }
     let weights = run.weights();
     if !weights.exists() {
         bail!(
@@ -920,8 +933,13 @@ pub fn run(args: Args) -> Result<()> {
         Some(pts) => pts.iter().map(|(_, d)| d.clone()).collect(),
         None => args.runs.clone(),
     };
-    if dirs.len() < 2 {
-        bail!("align compare needs at least two run folders (the first is the baseline), or one sweep folder");
+    if args.against_start && args.no_eval {
+        bail!(
+            "--against-start scores the start model on held-out items: it cannot go with --no-eval"
+        );
+    }
+    if dirs.len() < 2 && !args.against_start {
+        bail!("align compare needs at least two run folders (the first is the baseline), one sweep folder, or --against-start");
     }
     if !(args.confidence > 0.0 && args.confidence < 1.0) {
         bail!("--confidence must be in (0, 1), got {}", args.confidence);
@@ -958,6 +976,9 @@ pub fn run(args: Args) -> Result<()> {
     // Per run: the mean held-out score of its final model, when scored.
     let mut mean_scores: Vec<Option<f64>> = vec![None; runs.len()];
     match eval_data_of(&runs, &args) {
+        None if args.against_start => {
+            bail!("--against-start needs held-out data: pass --eval-data (the runs name no shared eval_data)")
+        }
         None => {
             eval_note = "No held-out data given (--eval-data) and the runs do not share their eval_data: curves and settings only, no verdict.".into();
         }
@@ -967,6 +988,18 @@ pub fn run(args: Args) -> Result<()> {
                     "{}: a {} run cannot be scored against a {} baseline on the same items; pass --no-eval to compare curves and settings",
                     r.dir.display(),
                     r.algorithm.name(),
+                    runs[0].algorithm.name()
+                );
+            }
+            if args.against_start
+                && !matches!(
+                    runs[0].algorithm,
+                    Algorithm::Sft | Algorithm::Grpo | Algorithm::Ppo
+                )
+            {
+                bail!(
+                    "--against-start scores SFT, GRPO and PPO runs' start models; {} is a {} run, whose start model has no held-out score of its own (DPO's implicit reward is 0 there; a reward model starts without a head)",
+                    runs[0].dir.display(),
                     runs[0].algorithm.name()
                 );
             }
@@ -985,6 +1018,21 @@ pub fn run(args: Args) -> Result<()> {
                 scores.push(score_run(r, &args, &data, &trunc)?);
             }
             results = verdicts(&runs, &scores, &args)?;
+            if args.against_start {
+                let start = Run {
+                    name: "start".into(),
+                    metrics: Vec::new(),
+                    start_model: true,
+                    ..runs[0].clone()
+                };
+                eprintln!("scoring the start model of {} on {:?}", runs[0].name, data);
+                let s0 = score_run(&start, &args, &data, &trunc)?;
+                let mut against = vec![start];
+                against.extend(runs.iter().cloned());
+                let mut sc = vec![s0];
+                sc.extend(scores.iter().cloned());
+                results.extend(verdicts(&against, &sc, &args)?);
+            }
             // a sweep picks by the first metric, made higher-is-better
             let sign = if item_metrics(runs[0].algorithm)[0].1 {
                 1.0
@@ -1077,7 +1125,7 @@ fn write_report(
         }
         writeln!(
             md,
-            "\nRule: d = mean over held-out items of (run - baseline), oriented so positive is better; \
+            "\nRule: d = mean over held-out items of (run - baseline) (for loss and NLL lower is better: a negative d favours the run); \
 {}% paired percentile bootstrap interval over items ({} resamples, seed {}). **Parity** when the \
 whole interval lies within ±margin; **ahead** when it excludes 0 (and is not within the margin); \
 **inconclusive** when it contains 0 but reaches past the margin. The interval reflects which items \
