@@ -209,7 +209,7 @@ where
                 fmt_num(*x)
             }
         })
-        .y_label_formatter(&|y| fmt_num(*y))
+        .y_label_formatter(&|y| fmt_tick(*y, y1 - y0))
         .draw()?;
     let noisy = p.train.len() > 30;
     // Legend away from where the curve ends.
@@ -290,6 +290,25 @@ fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.3}")
     }
+}
+
+/// An axis label: as many decimals as the spacing of about five ticks over `span` needs, so
+/// that neighbouring labels differ (-106.2, -106.4 rather than -106, -106), and a value within
+/// rounding noise of zero printed as 0 (not -1.1e-16).
+fn fmt_tick(v: f64, span: f64) -> String {
+    let step = span / 5.0;
+    if !(step.is_finite() && step > 0.0) {
+        return fmt_num(v);
+    }
+    if v.abs() < step * 1e-6 {
+        return "0".into();
+    }
+    let a = v.abs();
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{v:.1e}");
+    }
+    let dec = (-step.log10().floor()).clamp(0.0, 6.0) as usize;
+    format!("{v:.dec$}")
 }
 
 /// One panel of an overlay: the same metric of several runs, one line each.
@@ -393,8 +412,8 @@ where
             .x_desc(p.x_label.as_str())
             .label_style((FAMILY, 11))
             .axis_desc_style((FAMILY, 11))
-            .x_label_formatter(&|x| fmt_num(*x))
-            .y_label_formatter(&|y| fmt_num(*y))
+            .x_label_formatter(&|x| fmt_tick(*x, x1 - x0))
+            .y_label_formatter(&|y| fmt_tick(*y, y1 - y0 + 2.0 * pad))
             .draw()?;
         for (i, (run, pts)) in p.lines.iter().enumerate() {
             if pts.is_empty() {
@@ -435,6 +454,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_resolve_their_spacing() {
+        // a 1-nat range around -106: labels one decimal apart, not all "-106"
+        assert_eq!(fmt_tick(-106.2, 1.0), "-106.2");
+        assert_eq!(fmt_tick(-106.4, 1.0), "-106.4");
+        assert_eq!(fmt_tick(20.0, 30.0), "20");
+        assert_eq!(fmt_tick(0.4, 1.0), "0.4");
+        assert_eq!(fmt_tick(0.625, 0.03), "0.625");
+        // float noise at zero, and tiny learning rates
+        assert_eq!(fmt_tick(-1.1e-16, 0.8), "0");
+        assert_eq!(fmt_tick(2e-5, 5e-5), "2.0e-5");
+    }
 
     #[test]
     fn reads_train_and_eval_tolerantly() {
