@@ -39,3 +39,14 @@ compare_once() {
     fi
     "$align" compare "$@" --out "$dst"
 }
+
+# hh_split: recipe 01's split of the HH-RLHF harmless pairs into $out/data (1,400 train / 600
+# held-out rows, fixed permutation; the split of docs/dpo.md), once. PYTHON needs pyarrow; HH
+# names the parquet (default ../shared/data/hh-rlhf-harmless.parquet).
+hh_split() {
+    py=${PYTHON:-python3}
+    mkdir -p "$out/data"
+    [ -f "$out/data/prefs-eval.parquet" ] ||
+        "$py" scripts/make_default_data.py "${HH:-../shared/data/hh-rlhf-harmless.parquet}" \
+            "$out/data" hh 1400 600
+}

@@ -13,11 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../lib.sh"
 recipe_setup 01-dpo-hh
-py=${PYTHON:-python3}
-hh=${HH:-../shared/data/hh-rlhf-harmless.parquet}
-# 1,400 train / 600 held-out rows with a fixed permutation (the split of docs/dpo.md)
-mkdir -p "$out/data"
-[ -f "$out/data/prefs-eval.parquet" ] || "$py" scripts/make_default_data.py "$hh" "$out/data" hh 1400 600
+hh_split
 
 train() { # NAME CONFIG
     run_once dpo "$1" --config "$here/$2" --model "$model" --data "$out/data/prefs-train.parquet" \
@@ -26,4 +22,4 @@ train() { # NAME CONFIG
 train full full.toml
 train lora-r4 lora.toml
 "$align" compare "$out/full" "$out/lora-r4" --eval-data "$out/data/prefs-eval.parquet" \
-    --max-items 300 --out "$out/compare"
+    --max-items 600 --out "$out/compare"
