@@ -577,9 +577,13 @@ fn hh_reward_model_then_ppo_raises_held_out_scores() {
             .arg(rm.join("rm"))
             .arg("--prompts")
             .arg(root.join("prefs-train.parquet"))
+            .arg("--eval-data")
+            .arg(root.join("prefs-eval.parquet"))
             .arg("--out")
             .arg(&out)
             .args([
+                "--eval-max-prompts",
+                "16",
                 "--rank",
                 "8",
                 "--lr",
@@ -647,4 +651,33 @@ fn hh_reward_model_then_ppo_raises_held_out_scores() {
     assert_eq!(v["verdict"]["verdict"], "ahead", "{stdout}");
     assert_eq!(v["verdict"]["ahead"], "b", "{stdout}");
     assert!(v["diff"]["lo"].as_f64().unwrap() > 0.0, "{stdout}");
+
+    // With the run's evaluation seed, one sample per prompt and one generation chunk, compare
+    // scores exactly what the run's own final evaluation scored: the reward model reads the
+    // token ids the policy saw (the prompt cut to max_prompt_length), not re-encoded text.
+    let last_eval = m
+        .iter()
+        .filter_map(|x| x["eval_reward"].as_f64())
+        .next_back()
+        .expect("a final eval_reward");
+    let cmp1 = dir.path().join("cmp-eval");
+    let o = align()
+        .arg("compare")
+        .arg(&out)
+        .arg("--against-start")
+        .arg("--eval-data")
+        .arg(root.join("prefs-eval.parquet"))
+        .args(["--max-items", "16", "--samples", "1", "--batch-size", "16"])
+        .args(["--seed", &(1u64 ^ 0xE7A1_5EED).to_string(), "--out"])
+        .arg(&cmp1)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cmp1.join("report.json")).unwrap()).unwrap();
+    let mean = report["verdicts"][0]["diff"]["mean_b"].as_f64().unwrap();
+    assert!(
+        (mean - last_eval).abs() < 1e-5,
+        "compare {mean} vs the run's final eval_reward {last_eval}"
+    );
 }

@@ -62,7 +62,9 @@ use super::settings::{self, AlgoSettings, LoopSettings, LoraSettings, OptimSetti
 use super::{Algorithm, Setup};
 use crate::bail;
 use crate::error::{Context, Result};
-use crate::generate::{chunk_len, encode_prompt, eos_ids, generate_chunked, SamplingConfig};
+use crate::generate::{
+    chunk_len, encode_prompt, eos_ids, generate_chunked, Completion, SamplingConfig,
+};
 use crate::lora::Fwd;
 use crate::policy::{Policy, TokenBatch, TrainMode};
 use crate::rewards::{build_reward, score_checked, RewardFn, RewardInput, RewardOptions};
@@ -604,12 +606,16 @@ pub fn score_prompts(
             dtype: Some(policy.dtype()),
         },
     )?;
+    let k = samples.max(1);
     score_held_out(
         policy,
         &tok,
         &prompts,
         &sampling,
-        reward.as_mut(),
+        |off, cs, _| {
+            let inputs = RewardInput::of(cs, off, |i| &prompts[i / k].0);
+            score_checked(reward.as_mut(), &inputs)
+        },
         samples,
         seed,
         gen_batch_size,
@@ -617,14 +623,16 @@ pub fn score_prompts(
 }
 
 /// `samples` completions per prompt (`sampling`, from an RNG seeded with `seed`), scored by
-/// `reward`; per prompt, keyed `file#row`, the mean reward (GRPO and PPO held-out scoring).
+/// `score(offset, completions, their prompts' ids)` chunk by chunk (completion `j` of a chunk is
+/// number `offset + j` overall, of prompt `(offset + j) / samples`); per prompt, keyed
+/// `file#row`, the mean reward (GRPO and PPO held-out scoring).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn score_held_out(
     policy: &Policy,
     tok: &TokenizerBundle,
     prompts: &[(PromptRecord, Vec<u32>)],
     sampling: &SamplingConfig,
-    reward: &mut dyn RewardFn,
+    mut score: impl FnMut(usize, &[Completion], &[Vec<u32>]) -> Result<Vec<f32>>,
     samples: usize,
     seed: u64,
     gen_batch_size: usize,
@@ -645,8 +653,13 @@ pub(crate) fn score_held_out(
         seed,
         chunk,
         |c, cs| {
-            let inputs = RewardInput::of(cs, c * chunk, |i| &prompts[i / k].0);
-            score_checked(reward, &inputs).context("scoring the held-out completions")
+            let off = c * chunk;
+            let r = score(off, cs, &ids[off..off + cs.len()])
+                .context("scoring the held-out completions")?;
+            if r.len() != cs.len() {
+                bail!("{} scores for {} held-out completions", r.len(), cs.len());
+            }
+            Ok(r)
         },
     )?;
     let rewards = rewards.concat();

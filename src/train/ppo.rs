@@ -941,6 +941,13 @@ fn raw_scores(
     if let Some(r) = reward {
         return score_checked(r.as_mut(), inputs);
     }
+    let (ids_B_T, last) = scored_ids(samples, pad, dev)?;
+    value.rm_scores(&ids_B_T, &last)
+}
+
+/// Prompt + completion ids of `samples`, right-padded with `pad` into `[B, T]`, and each row's
+/// last real position: where the reward model reads the score (training and held-out alike).
+fn scored_ids(samples: &[PpoSample], pad: u32, dev: &Device) -> Result<(Tensor, Vec<usize>)> {
     let b = samples.len();
     let t = samples
         .iter()
@@ -955,8 +962,7 @@ fn raw_scores(
         }
         last.push(x.prompt_ids.len() + x.completion_ids.len() - 1);
     }
-    let ids_B_T = Tensor::from_vec(v, (b, t), dev)?;
-    value.rm_scores(&ids_B_T, &last)
+    Ok((Tensor::from_vec(v, (b, t), dev)?, last))
 }
 
 /// The PPO algorithm on the shared loop.
@@ -1137,27 +1143,48 @@ pub fn score_prompts(
         .with_context(|| format!("loading the tokenizer of {}", start.display()))?;
     let prompts = super::grpo::eval_prompts(data, &tok, max, s.max_prompt_length)?;
     let sampling = s.sampling(eos_ids(&policy.model, Some(start), Some(&tok)))?;
-    let mut reward = match s.reward_fn(policy.device(), policy.dtype())? {
-        Some(r) => r,
-        None => match &s.reward_model {
-            Some(rm) => build_reward(
-                "model",
-                &RewardOptions {
-                    reward_model: Some(rm.clone()),
-                    device: Some(policy.device().clone()),
-                    dtype: Some(policy.dtype()),
-                    ..Default::default()
-                },
-            )?,
-            None => bail!("the PPO run's settings name no reward and no reward model"),
-        },
+    let k = samples.max(1);
+    if let Some(mut reward) = s.reward_fn(policy.device(), policy.dtype())? {
+        return super::grpo::score_held_out(
+            policy,
+            &tok,
+            &prompts,
+            &sampling,
+            |off, cs, _| {
+                let inputs = RewardInput::of(cs, off, |i| &prompts[i / k].0);
+                score_checked(reward.as_mut(), &inputs)
+            },
+            samples,
+            seed,
+            gen_batch_size,
+        );
+    }
+    // The reward model scores token ids as in training and in the run's own evaluation: the
+    // prompt as the policy saw it (cut to max_prompt_length) and the completion's ids, read
+    // at the last one; re-encoding the texts would score other sequences (whole prompts,
+    // other token boundaries) than the ones the policy was trained and evaluated on.
+    let Some(rm_dir) = &s.reward_model else {
+        bail!("the PPO run's settings name no reward and no reward model")
     };
+    let rm = crate::score::ScoreModel::load(
+        rm_dir,
+        crate::policy::TrainMode::Frozen,
+        policy.dtype(),
+        policy.device(),
+    )
+    .with_context(|| format!("loading the run's reward model {}", rm_dir.display()))?;
+    let (pad, eos, dev) = (tok.pad_id(), tok.eos_id, policy.device());
     super::grpo::score_held_out(
         policy,
         &tok,
         &prompts,
         &sampling,
-        reward.as_mut(),
+        |_, cs, ids| {
+            let (ids_B_T, last) = scored_ids(&samples_of(cs, ids, eos), pad, dev)?;
+            let h = rm.hidden(&ids_B_T, SCORE_REFERENCE)?.detach();
+            let r = crate::score::scores_at(&h, &last, rm.head.as_tensor())?;
+            Ok(r.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        },
         samples,
         seed,
         gen_batch_size,
