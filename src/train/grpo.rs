@@ -606,15 +606,40 @@ pub fn score_prompts(
             dtype: Some(policy.dtype()),
         },
     )?;
-    let k = samples.max(1);
-    score_held_out(
+    score_held_out_by(
         policy,
         &tok,
         &prompts,
         &sampling,
+        reward.as_mut(),
+        samples,
+        seed,
+        gen_batch_size,
+    )
+}
+
+/// [`score_held_out`] with a reward function of the completions' texts (GRPO's rewards, PPO's
+/// verifiers).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn score_held_out_by(
+    policy: &Policy,
+    tok: &TokenizerBundle,
+    prompts: &[(PromptRecord, Vec<u32>)],
+    sampling: &SamplingConfig,
+    reward: &mut dyn RewardFn,
+    samples: usize,
+    seed: u64,
+    gen_batch_size: usize,
+) -> Result<Vec<(String, f64)>> {
+    let k = samples.max(1);
+    score_held_out(
+        policy,
+        tok,
+        prompts,
+        sampling,
         |off, cs, _| {
             let inputs = RewardInput::of(cs, off, |i| &prompts[i / k].0);
-            score_checked(reward.as_mut(), &inputs)
+            score_checked(reward, &inputs)
         },
         samples,
         seed,

@@ -1143,17 +1143,13 @@ pub fn score_prompts(
         .with_context(|| format!("loading the tokenizer of {}", start.display()))?;
     let prompts = super::grpo::eval_prompts(data, &tok, max, s.max_prompt_length)?;
     let sampling = s.sampling(eos_ids(&policy.model, Some(start), Some(&tok)))?;
-    let k = samples.max(1);
     if let Some(mut reward) = s.reward_fn(policy.device(), policy.dtype())? {
-        return super::grpo::score_held_out(
+        return super::grpo::score_held_out_by(
             policy,
             &tok,
             &prompts,
             &sampling,
-            |off, cs, _| {
-                let inputs = RewardInput::of(cs, off, |i| &prompts[i / k].0);
-                score_checked(reward.as_mut(), &inputs)
-            },
+            reward.as_mut(),
             samples,
             seed,
             gen_batch_size,
