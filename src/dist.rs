@@ -335,6 +335,19 @@ pub fn shard_map<T: Wire>(n: usize, mut f: impl FnMut(usize) -> Result<T>) -> Re
     Ok(out)
 }
 
+/// [`shard_map`] over `items` cut into consecutive slices of `chunk` (the last one shorter):
+/// `f(k, slice_k)`, every rank returning all results in order.
+pub fn shard_chunks<I, T: Wire>(
+    items: &[I],
+    chunk: usize,
+    mut f: impl FnMut(usize, &[I]) -> Result<T>,
+) -> Result<Vec<T>> {
+    let chunk = chunk.max(1);
+    shard_map(items.len().div_ceil(chunk), |k| {
+        f(k, &items[k * chunk..((k + 1) * chunk).min(items.len())])
+    })
+}
+
 /// Wait for every rank (no-op in a single process).
 pub fn barrier() -> Result<()> {
     with_comm(|c| c.map_or(Ok(()), |c| c.barrier()))

@@ -541,17 +541,14 @@ pub fn generate_chunked<R: Wire>(
     chunk: usize,
     mut then: impl FnMut(usize, &[Completion]) -> Result<R>,
 ) -> Result<(Vec<Completion>, Vec<R>)> {
-    let chunk = chunk.max(1);
-    let n = prompts.len().div_ceil(chunk);
-    let parts = crate::dist::shard_map(n, |k| {
-        let ps = &prompts[k * chunk..((k + 1) * chunk).min(prompts.len())];
+    let parts = crate::dist::shard_chunks(prompts, chunk, |k, ps| {
         let mut rng = StdRng::seed_from_u64(chunk_seed(seed, k));
         let comps = generate(model, tok, ps, pad_id, cfg, fwd, &mut rng)?;
         let r = then(k, &comps)?;
         Ok((comps, r))
     })?;
     let mut comps = Vec::with_capacity(prompts.len());
-    let mut rs = Vec::with_capacity(n);
+    let mut rs = Vec::with_capacity(parts.len());
     for (c, r) in parts {
         comps.extend(c);
         rs.push(r);

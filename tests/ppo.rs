@@ -625,23 +625,28 @@ fn hh_reward_model_then_ppo_raises_held_out_scores() {
     let kl_late = kl[24..].iter().cloned().fold(0.0, f64::max);
     assert!(kl_late < 6.0, "KL not held by the penalty: {kl:?}");
 
-    let cmp = dir.path().join("cmp");
-    let stdout = {
+    // `align compare OUT --against-start` on held-out HH prompts: its stdout and report.json
+    let compare = |name: &str, flags: &[&str]| -> (String, serde_json::Value) {
+        let cmp = dir.path().join(name);
         let o = align()
             .arg("compare")
             .arg(&out)
             .arg("--against-start")
             .arg("--eval-data")
             .arg(root.join("prefs-eval.parquet"))
-            .args(["--max-items", "64", "--samples", "2", "--out"])
+            .args(flags)
+            .arg("--out")
             .arg(&cmp)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).to_string()
+        let report = serde_json::from_slice(&std::fs::read(cmp.join("report.json")).unwrap());
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            report.unwrap(),
+        )
     };
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cmp.join("report.json")).unwrap()).unwrap();
+    let (stdout, report) = compare("cmp", &["--max-items", "64", "--samples", "2"]);
     let v = report["verdicts"]
         .as_array()
         .unwrap()
@@ -660,21 +665,20 @@ fn hh_reward_model_then_ppo_raises_held_out_scores() {
         .filter_map(|x| x["eval_reward"].as_f64())
         .next_back()
         .expect("a final eval_reward");
-    let cmp1 = dir.path().join("cmp-eval");
-    let o = align()
-        .arg("compare")
-        .arg(&out)
-        .arg("--against-start")
-        .arg("--eval-data")
-        .arg(root.join("prefs-eval.parquet"))
-        .args(["--max-items", "16", "--samples", "1", "--batch-size", "16"])
-        .args(["--seed", &(1u64 ^ 0xE7A1_5EED).to_string(), "--out"])
-        .arg(&cmp1)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cmp1.join("report.json")).unwrap()).unwrap();
+    let seed = (1u64 ^ 0xE7A1_5EED).to_string();
+    let (_, report) = compare(
+        "cmp-eval",
+        &[
+            "--max-items",
+            "16",
+            "--samples",
+            "1",
+            "--batch-size",
+            "16",
+            "--seed",
+            &seed,
+        ],
+    );
     let mean = report["verdicts"][0]["diff"]["mean_b"].as_f64().unwrap();
     assert!(
         (mean - last_eval).abs() < 1e-5,

@@ -98,7 +98,7 @@ use align_algorithms::ppo::{
     token_entropy, KlController, KlEstimator,
 };
 use align_datasets::{Cursor, PpoRollout, PromptStream, Source, StreamOptions, TokenizerBundle};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -461,22 +461,30 @@ impl ValueModel {
             .score
             .as_ref()
             .context("the value model was not built from a reward model")?;
-        let (b, t) = ids_B_T.dims2()?;
-        let h = self.hidden(ids_B_T, SCORE_REFERENCE)?.detach();
-        let hs = h.dim(D::Minus1)?;
-        let rows: Vec<u32> = last
-            .iter()
-            .enumerate()
-            .map(|(i, &j)| (i * t + j) as u32)
-            .collect();
-        let sel = h
-            .reshape((b * t, hs))?
-            .index_select(&Tensor::new(rows, h.device())?, 0)?;
-        let s = sel
-            .to_dtype(DType::F32)?
-            .matmul(&score.to_dtype(DType::F32)?.t()?)?;
-        Ok(s.squeeze(1)?.to_vec1::<f32>()?)
+        rm_scores_at(
+            &self.hidden(ids_B_T, SCORE_REFERENCE)?.detach(),
+            last,
+            score,
+        )
     }
+}
+
+/// A reward model's scores from its final hidden states `[B, T, H]` at `last[i]` of each row,
+/// the head product in f32 (rollout scoring, evaluation and `align compare` alike).
+fn rm_scores_at(h_B_T_H: &Tensor, last: &[usize], score: &Tensor) -> Result<Vec<f32>> {
+    let (b, t, hs) = h_B_T_H.dims3()?;
+    let rows: Vec<u32> = last
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| (i * t + j) as u32)
+        .collect();
+    let sel = h_B_T_H
+        .reshape((b * t, hs))?
+        .index_select(&Tensor::new(rows, h_B_T_H.device())?, 0)?;
+    let s = sel
+        .to_dtype(DType::F32)?
+        .matmul(&score.to_dtype(DType::F32)?.t()?)?;
+    Ok(s.squeeze(1)?.to_vec1::<f32>()?)
 }
 
 /// rm/'s `mean`/`std` in config.json, if both are there.
@@ -756,8 +764,7 @@ pub fn process_rollouts(
     let refs: Vec<&PpoSample> = samples.iter().collect();
     let chunk = if chunk == 0 { samples.len() } else { chunk };
     // chunks shared out over the ranks of a data-parallel job, every rank gets all rows
-    let parts = crate::dist::shard_map(samples.len().div_ceil(chunk), |k| {
-        let ch = &refs[k * chunk..((k + 1) * chunk).min(refs.len())];
+    let parts = crate::dist::shard_chunks(&refs, chunk, |k, ch| {
         let rb = response_batch(ch, pad, cd, &dev)?;
         let l = &lens[k * chunk..k * chunk + ch.len()];
         let (lp, rp) = policy_and_reference_logps(policy, reference, &rb, cfg.temperature)?;
@@ -1178,8 +1185,7 @@ pub fn score_prompts(
         |_, cs, ids| {
             let (ids_B_T, last) = scored_ids(&samples_of(cs, ids, eos), pad, dev)?;
             let h = rm.hidden(&ids_B_T, SCORE_REFERENCE)?.detach();
-            let r = crate::score::scores_at(&h, &last, rm.head.as_tensor())?;
-            Ok(r.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+            rm_scores_at(&h, &last, rm.head.as_tensor())
         },
         samples,
         seed,

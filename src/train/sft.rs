@@ -556,10 +556,9 @@ fn batch_loss(
 /// Token-weighted mean loss over (at most `max`) held-out examples.
 fn evaluate(policy: &Policy, exs: &[Example], pad: u32, bs: usize, max: usize) -> Result<Metrics> {
     let exs = &exs[..exs.len().min(max)];
-    let bs = bs.max(1);
     // the batches shared out over the ranks of a data-parallel job
-    let per_batch = crate::dist::shard_map(exs.len().div_ceil(bs), |k| {
-        let refs: Vec<&Example> = exs[k * bs..((k + 1) * bs).min(exs.len())].iter().collect();
+    let per_batch = crate::dist::shard_chunks(exs, bs, |_, batch| {
+        let refs: Vec<&Example> = batch.iter().collect();
         let (_, m) = batch_loss(policy, &refs, pad, false)?;
         Ok((m["loss"], m["num_tokens"]))
     })?;
