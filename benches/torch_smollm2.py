@@ -64,11 +64,14 @@ def main():
     if mode == "logprobs":
         model.eval()
         ps = pairs(tok, sys.argv[3])
+        t = time.time()
         with torch.no_grad():
             for i in range(0, len(ps), 2):
                 chunk = ps[i: i + 2]
                 seqs = [(p, c) for p, c, _ in chunk] + [(p, r) for p, _, r in chunk]
                 print(seq_logps(model, *batch(seqs, pad)).tolist())
+        n = sum(2 * len(p) + len(c) + len(r) for p, c, r in ps)
+        print(f"torch logprobs loop: {time.time() - t:.2f}s, {n} tokens, {n / (time.time() - t):.1f} tokens/s")
     elif mode == "generate":
         model.eval()
         for q in QUESTIONS:

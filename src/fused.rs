@@ -684,3 +684,186 @@ impl CustomOp2 for SiluMul {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention over a KV cache written in place (decoding)
+
+/// `softmax(scale · q kᵀ + mask) v` for queries `q [B, H, T, d]` over the first `s` positions of
+/// key and value buffers `k_buf, v_buf [B, KVH, C, d]` (a [`crate::models::transformer::KvCache`]
+/// written in place), with the additive mask `[B or 1, 1, T, s]`; returned as `[B, T, H·d]`, the
+/// layout the output projection takes. Grouped-query: head `h` reads kv head `h / (H / KVH)`, as
+/// transformers' `repeat_kv`. One pass per (row, head), parallel over rows: it replaces two
+/// batched products, the softmax and three layout copies per layer and decoded token. Forward
+/// only: a cache written in place carries no gradient. The same function as the composite path
+/// up to the order of float sums (`tests/generate.rs`).
+pub fn cached_attention(
+    q: &Tensor,
+    k_buf: &Tensor,
+    v_buf: &Tensor,
+    s: usize,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (kb, kvh, cap, kd) = k_buf.dims4()?;
+    let (mb, one, mt, ms) = mask.dims4()?;
+    if kb != b
+        || kd != d
+        || v_buf.dims() != k_buf.dims()
+        || s > cap
+        || kvh == 0
+        || h % kvh != 0
+        || (mb != 1 && mb != b)
+        || one != 1
+        || mt != t
+        || ms != s
+    {
+        candle_core::bail!(
+            "cached_attention: q {:?}, k/v buffers {:?}/{:?} ({s} valid), mask {:?}",
+            q.dims(),
+            k_buf.dims(),
+            v_buf.dims(),
+            mask.dims()
+        )
+    }
+    let rep = h / kvh;
+    let out = dispatch!(q.dtype(), "cached_attention", T => {
+        let sc = T::of(scale);
+        let mask = mask.to_dtype(q.dtype())?;
+        let mut out = vec![T::ZERO; b * t * h * d];
+        with_data::<T, _>(q, "cached_attention", |q| {
+            with_data::<T, _>(k_buf, "cached_attention", |kk| {
+                with_data::<T, _>(v_buf, "cached_attention", |vv| {
+                    with_data::<T, _>(&mask, "cached_attention", |m| {
+                        let dims = AttnDims { h, t, d, s, rep, kvh, cap, mb };
+                        out.par_chunks_mut(h * d).enumerate().for_each(|(row, o)| {
+                            attend_row_dispatch(&dims, row, q, kk, vv, m, sc, o)
+                        })
+                    })
+                })
+            })
+        })????;
+        from_vec(out, &Shape::from((b, t, h * d)))?
+    });
+    Ok(out)
+}
+
+/// Shapes of a [`cached_attention`] call.
+struct AttnDims {
+    h: usize,
+    t: usize,
+    d: usize,
+    s: usize,
+    rep: usize,
+    kvh: usize,
+    cap: usize,
+    mb: usize,
+}
+
+/// One output row `(b, t)` of [`cached_attention`], all heads, under AVX-512 when the CPU has it
+/// (the dot products and the weighted sums then run 16 lanes wide).
+#[allow(clippy::too_many_arguments)]
+fn attend_row_dispatch<T: Real>(
+    g: &AttnDims,
+    row: usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    m: &[T],
+    sc: T,
+    o: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::enabled() {
+        // SAFETY: `kernels::enabled` checked that the CPU has AVX-512F.
+        unsafe { attend_row_avx512(g, row, q, k, v, m, sc, o) };
+        return;
+    }
+    attend_row(g, row, q, k, v, m, sc, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_row_avx512<T: Real>(
+    g: &AttnDims,
+    row: usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    m: &[T],
+    sc: T,
+    o: &mut [T],
+) {
+    attend_row(g, row, q, k, v, m, sc, o)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_row<T: Real>(
+    g: &AttnDims,
+    row: usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    m: &[T],
+    sc: T,
+    o: &mut [T],
+) {
+    let &AttnDims {
+        h,
+        t,
+        d,
+        s,
+        rep,
+        kvh,
+        cap,
+        mb,
+    } = g;
+    let (bi, ti) = (row / t, row % t);
+    let mrow = ((if mb == 1 { 0 } else { bi }) * t + ti) * s;
+    let m = &m[mrow..mrow + s];
+    let mut p = vec![T::ZERO; s];
+    for hi in 0..h {
+        let qo = ((bi * h + hi) * t + ti) * d;
+        let qv = &q[qo..qo + d];
+        let kvo = (bi * kvh + hi / rep) * cap * d;
+        let mut mx = T::ZERO;
+        for j in 0..s {
+            let kr = &k[kvo + j * d..kvo + (j + 1) * d];
+            // 16 partial sums, so that the loop vectorises
+            let mut acc = [T::ZERO; 16];
+            let (qc, kc) = (qv.chunks_exact(16), kr.chunks_exact(16));
+            let (qr, krr) = (qc.remainder(), kc.remainder());
+            for (a, c) in qc.zip(kc) {
+                for l in 0..16 {
+                    acc[l] += a[l] * c[l];
+                }
+            }
+            let mut dot = T::ZERO;
+            for x in acc {
+                dot += x;
+            }
+            for (a, c) in qr.iter().zip(krr) {
+                dot += *a * *c;
+            }
+            p[j] = dot * sc + m[j];
+            if j == 0 || p[j] > mx {
+                mx = p[j];
+            }
+        }
+        let mut sum = T::ZERO;
+        for x in p.iter_mut() {
+            *x = (*x - mx).exp();
+            sum += *x;
+        }
+        let oh = &mut o[hi * d..(hi + 1) * d];
+        for (j, &pj) in p.iter().enumerate() {
+            let w = pj / sum;
+            let vr = &v[kvo + j * d..kvo + (j + 1) * d];
+            for (x, &y) in oh.iter_mut().zip(vr) {
+                *x += w * y;
+            }
+        }
+    }
+}

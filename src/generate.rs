@@ -197,13 +197,14 @@ fn sample_row(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f32, f32)
         .iter()
         .map(|&x| x as f64 / t)
         .fold(f64::NEG_INFINITY, f64::max);
+    // exp(x/T − max) once per token, kept for the walk below
+    let mut e = vec![0f64; logits.len()];
+    crate::kernels::exp_scaled(logits, t, max, &mut e);
     let (mut z_all, mut ex) = (0f64, 0f64);
-    for &x in logits {
-        let s = x as f64 / t;
-        let e = (s - max).exp();
+    for (&x, &e) in logits.iter().zip(&e) {
         if e > 0.0 {
             z_all += e;
-            ex += e * s;
+            ex += e * (x as f64 / t);
         }
     }
     let lse = max + z_all.ln();
@@ -221,8 +222,7 @@ fn sample_row(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f32, f32)
         let mut u = u01 * z_all;
         let mut chosen = None;
         let mut last = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            let q = (x as f64 / t - max).exp();
+        for (i, &q) in e.iter().enumerate() {
             if q > 0.0 {
                 last = i;
                 if u < q {
@@ -243,7 +243,7 @@ fn sample_row(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f32, f32)
         } else {
             (n, f64::NEG_INFINITY)
         };
-        let p = |i: usize| (sc(i) - max).exp();
+        let p = |i: usize| e[i];
         let mut z = if keep == n {
             z_all
         } else {

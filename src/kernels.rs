@@ -652,3 +652,124 @@ mod tests {
         }
     }
 }
+
+/// `out[i] = exp(xs[i] / t − shift)` in f64, for the sampler's pass over a vocabulary of logits.
+///
+/// libm's scalar `exp` made that pass a sixth of a batch-32 decoding step on SmolLM2 (two
+/// passes of 49,152 per row and token). This one is branch-free so that it vectorises (8 lanes
+/// under AVX-512, chosen at run time): `x = k·ln 2 + r` with `k` rounded to nearest and
+/// `|r| ≤ ln 2 / 2` (Cody–Waite: ln 2 split in two), `exp(r)` by its Taylor series to `r¹³`
+/// (truncation below 4e-18 relative), then `2ᵏ` put into the exponent bits. Within 2 ulp of
+/// libm's (tested); arguments below −708 give 0 (as libm's underflow to subnormals gives
+/// probabilities no draw can reach), above 709 give +inf.
+pub fn exp_scaled(xs: &[f32], t: f64, shift: f64, out: &mut [f64]) {
+    assert_eq!(xs.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+    {
+        // SAFETY: the features the function is compiled for were just detected.
+        unsafe { exp_scaled_avx512(xs, t, shift, out) };
+        return;
+    }
+    exp_scaled_any(xs, t, shift, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn exp_scaled_avx512(xs: &[f32], t: f64, shift: f64, out: &mut [f64]) {
+    exp_scaled_any(xs, t, shift, out)
+}
+
+#[inline(always)]
+fn exp_scaled_any(xs: &[f32], t: f64, shift: f64, out: &mut [f64]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        // x / t, as the sampler's other passes compute it (a division, not a product)
+        *o = exp_f64(x as f64 / t - shift);
+    }
+}
+
+/// Branch-free f64 `exp` (see [`exp_scaled`]).
+#[inline(always)]
+pub fn exp_f64(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // ln 2 = LN2_HI + LN2_LO, LN2_HI with its low 32 bits zero so that k·LN2_HI is exact
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    // adding and subtracting 1.5·2⁵² rounds to the nearest integer
+    const SHIFTER: f64 = 6_755_399_441_055_744.0;
+    let xc = x.clamp(-708.0, 709.5);
+    let k = (xc * LOG2E + SHIFTER) - SHIFTER;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    // Taylor series of exp(r) to r^13, Horner
+    let mut p = 1.0 / 6_227_020_800.0;
+    p = p * r + 1.0 / 479_001_600.0;
+    p = p * r + 1.0 / 39_916_800.0;
+    p = p * r + 1.0 / 3_628_800.0;
+    p = p * r + 1.0 / 362_880.0;
+    p = p * r + 1.0 / 40_320.0;
+    p = p * r + 1.0 / 5_040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // 2^k: k in [-1022, 1024]; 2^1024 is not a double, so scale by 2^(k-1) twice when k > 1023
+    let ki = k as i64;
+    let half = ki >> 1;
+    let s1 = f64::from_bits(((half + 1023) as u64) << 52);
+    let s2 = f64::from_bits(((ki - half + 1023) as u64) << 52);
+    let y = p * s1 * s2;
+    let y = if x < -708.0 { 0.0 } else { y };
+    if x > 709.5 {
+        f64::INFINITY
+    } else if x.is_nan() {
+        f64::NAN
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod exp_tests {
+    use super::*;
+
+    #[test]
+    fn exp_f64_is_within_two_ulp_of_libm() {
+        let mut worst = 0u64;
+        let mut x = -708.0f64;
+        while x < 709.0 {
+            let (a, b) = (exp_f64(x), x.exp());
+            let ulp = (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs();
+            worst = worst.max(ulp);
+            x += 0.001_37;
+        }
+        assert!(worst <= 2, "worst {worst} ulp");
+        // around 0, where the sampler spends its time
+        for i in -20_000..=0 {
+            let x = i as f64 * 1e-3;
+            let ulp = (exp_f64(x).to_bits() as i64 - x.exp().to_bits() as i64).unsigned_abs();
+            assert!(ulp <= 2, "exp({x}): {ulp} ulp");
+        }
+        assert_eq!(exp_f64(-709.0), 0.0);
+        assert_eq!(exp_f64(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f64(710.0), f64::INFINITY);
+        assert!(exp_f64(f64::NAN).is_nan());
+        assert_eq!(exp_f64(0.0), 1.0);
+    }
+
+    #[test]
+    fn exp_scaled_matches_the_scalar_path() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+        let mut a = vec![0.0; xs.len()];
+        exp_scaled(&xs, 0.7, 3.0, &mut a);
+        for (x, y) in xs.iter().zip(&a) {
+            let want = exp_f64(*x as f64 / 0.7 - 3.0);
+            assert_eq!(y.to_bits(), want.to_bits());
+            let libm = (*x as f64 / 0.7 - 3.0).exp();
+            assert!((y - libm).abs() <= 4.0 * f64::EPSILON * libm);
+        }
+    }
+}

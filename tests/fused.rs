@@ -272,3 +272,86 @@ fn fused_model_equals_the_composite_ops_lora_and_full() {
         }
     }
 }
+
+/// `softmax(scale · q kᵀ + mask) v` with plain candle ops, kv heads repeated as transformers'
+/// `repeat_kv`, returned as `[B, T, H·d]`.
+fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+    let (b, h, t, d) = q.dims4().unwrap();
+    let kvh = k.dim(1).unwrap();
+    let rep = h / kvh;
+    let repeat = |x: &Tensor| {
+        let (b, kvh, s, d) = x.dims4().unwrap();
+        x.unsqueeze(2)
+            .unwrap()
+            .broadcast_as((b, kvh, rep, s, d))
+            .unwrap()
+            .reshape((b, kvh * rep, s, d))
+            .unwrap()
+    };
+    let (k, v) = (repeat(k), repeat(v));
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(mask)
+        .unwrap();
+    let p = candle_nn::ops::softmax(&scores, 3).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, h * d))
+        .unwrap()
+}
+
+#[test]
+fn cached_attention_equals_the_composite_ops() {
+    let _g = lock();
+    let mut rng = StdRng::seed_from_u64(7);
+    // 2 rows, 6 query heads over 2 kv heads, head dim 20 (not a multiple of 16), 5 valid
+    // positions in buffers of 8; row 1 has its first key masked (left padding)
+    let (b, h, kvh, d, s, cap) = (2, 6, 2, 20, 5, 8);
+    for t in [1usize, 2] {
+        for dtype in [DType::F64, DType::F32] {
+            let q = randn(&mut rng, &[b, h, t, d], 1.0).to_dtype(dtype).unwrap();
+            let kb = randn(&mut rng, &[b, kvh, cap, d], 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let vb = randn(&mut rng, &[b, kvh, cap, d], 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let mut m = vec![0f64; b * t * s];
+            for ti in 0..t {
+                m[(t + ti) * s] = f32::MIN as f64; // row 1, key 0
+                for j in (s - t + ti + 1)..s {
+                    m[ti * s + j] = f32::MIN as f64; // causal within the new positions
+                    m[(t + ti) * s + j] = f32::MIN as f64;
+                }
+            }
+            let mask = Tensor::from_vec(m, (b, 1, t, s), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = fused::cached_attention(&q, &kb, &vb, s, &mask, scale).unwrap();
+            let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
+            let want = attention_reference(
+                &q,
+                &k.contiguous().unwrap(),
+                &v.contiguous().unwrap(),
+                &mask,
+                scale,
+            );
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            let diff = max_diff(&got, &want);
+            assert!(diff < tol, "t={t} {dtype:?}: max diff {diff}");
+        }
+    }
+    // shapes that do not fit are an error naming the op, not a panic
+    let q = Tensor::zeros((2, 6, 1, 20), DType::F32, &Device::Cpu).unwrap();
+    let kb = Tensor::zeros((2, 4, 8, 20), DType::F32, &Device::Cpu).unwrap();
+    let mask = Tensor::zeros((1, 1, 1, 5), DType::F32, &Device::Cpu).unwrap();
+    let e = fused::cached_attention(&q, &kb, &kb, 5, &mask, 1.0).unwrap_err();
+    assert!(e.to_string().contains("cached_attention"), "{e}");
+    let kb = Tensor::zeros((2, 2, 8, 20), DType::F32, &Device::Cpu).unwrap();
+    let e = fused::cached_attention(&q, &kb, &kb, 9, &mask, 1.0).unwrap_err();
+    assert!(e.to_string().contains("cached_attention"), "{e}");
+}

@@ -63,6 +63,8 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
     );
     let mut n = 0usize;
+    let mut tokens = 0usize;
+    let start = std::time::Instant::now();
     while let Some(PairBatch { pairs, rows, .. }) = next_batch(
         &mut stream,
         &tok,
@@ -78,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
             .to_dtype(candle_core::DType::F64)?
             .to_vec1()?;
         for (i, p) in pairs.iter().enumerate() {
+            tokens += 2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len();
             let line = serde_json::json!({
                 "row": rows[i].row,
                 "file": rows[i].file.display().to_string(),
@@ -94,7 +97,13 @@ pub fn run(args: Args) -> Result<()> {
     out.flush()?;
     drop(out);
     std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("{n} pairs -> {}", args.out.display());
+    let secs = start.elapsed().as_secs_f64();
+    // tokens as a forward without prefix sharing sees them: the prompt once per side
+    eprintln!(
+        "{n} pairs ({tokens} tokens) in {secs:.2} s, {:.1} tokens/s -> {}",
+        tokens as f64 / secs.max(1e-9),
+        args.out.display()
+    );
     if stream.skips().total() > 0 {
         eprintln!("skipped rows: {}", stream.skips());
     }

@@ -279,6 +279,12 @@ impl KvCache {
         self.kv[i] = Some((k.clone(), v.clone()));
         Ok((k, v))
     }
+    /// Layer `i`'s key and value buffers `[B, kv_heads, capacity, head_dim]` when the cache is
+    /// written in place (their first [`Self::len`] positions are valid).
+    pub fn buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.bufs.get(i)?.as_ref().map(|(k, v)| (k, v))
+    }
+
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         self.kv
@@ -319,7 +325,20 @@ impl Attention {
         let k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
-            Some((c, i)) => c.append(i, k, v)?,
+            Some((c, i)) => {
+                let (k, v) = c.append(i, k, v)?;
+                // a decoded token over a cache written in place: one fused pass per row and
+                // head instead of two batched products, the softmax and the layout copies
+                if t == 1 && crate::fused::fusable(&q) {
+                    if let Some((kb, vb)) = c.buffers(i) {
+                        let scale = 1.0 / (d as f64).sqrt();
+                        let out =
+                            crate::fused::cached_attention(&q, kb, vb, k.dim(2)?, mask, scale)?;
+                        return self.o_proj.forward(&out, fwd);
+                    }
+                }
+                (k, v)
+            }
             None => (k, v),
         };
         let s = k.dim(2)?;
