@@ -735,9 +735,9 @@ pub fn cached_attention(
             with_data::<T, _>(k_buf, "cached_attention", |kk| {
                 with_data::<T, _>(v_buf, "cached_attention", |vv| {
                     with_data::<T, _>(&mask, "cached_attention", |m| {
-                        let dims = AttnDims { h, t, d, s, rep, kvh, cap, mb };
+                        let a = Attend { h, t, d, s, rep, kvh, cap, mb, q, k: kk, v: vv, m, sc };
                         out.par_chunks_mut(h * d).enumerate().for_each(|(row, o)| {
-                            attend_row_dispatch(&dims, row, q, kk, vv, m, sc, o)
+                            a.row(row, o)
                         })
                     })
                 })
@@ -748,8 +748,8 @@ pub fn cached_attention(
     Ok(out)
 }
 
-/// Shapes of a [`cached_attention`] call.
-struct AttnDims {
+/// The operands of a [`cached_attention`] call and their shapes.
+struct Attend<'a, T> {
     h: usize,
     t: usize,
     d: usize,
@@ -758,112 +758,110 @@ struct AttnDims {
     kvh: usize,
     cap: usize,
     mb: usize,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    m: &'a [T],
+    sc: T,
 }
 
-/// One output row `(b, t)` of [`cached_attention`], all heads, under AVX-512 when the CPU has it
-/// (the dot products and the weighted sums then run 16 lanes wide).
-#[allow(clippy::too_many_arguments)]
-fn attend_row_dispatch<T: Real>(
-    g: &AttnDims,
-    row: usize,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    m: &[T],
-    sc: T,
-    o: &mut [T],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::enabled() {
-        // SAFETY: `kernels::enabled` checked that the CPU has AVX-512F.
-        unsafe { attend_row_avx512(g, row, q, k, v, m, sc, o) };
-        return;
+impl<T: Real> Attend<'_, T> {
+    /// One output row `(b, t)`, all heads, under AVX-512 when the CPU has it (the dot products
+    /// and the weighted sums then run 16 lanes wide).
+    fn row(&self, row: usize, o: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::enabled() {
+            // SAFETY: `kernels::enabled` checked that the CPU has AVX-512F.
+            unsafe { self.row_avx512(row, o) };
+            return;
+        }
+        self.row_any(row, o)
     }
-    attend_row(g, row, q, k, v, m, sc, o)
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_row_avx512<T: Real>(
-    g: &AttnDims,
-    row: usize,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    m: &[T],
-    sc: T,
-    o: &mut [T],
-) {
-    attend_row(g, row, q, k, v, m, sc, o)
-}
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_avx512(&self, row: usize, o: &mut [T]) {
+        self.row_any(row, o)
+    }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_row<T: Real>(
-    g: &AttnDims,
-    row: usize,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    m: &[T],
-    sc: T,
-    o: &mut [T],
-) {
-    let &AttnDims {
-        h,
-        t,
-        d,
-        s,
-        rep,
-        kvh,
-        cap,
-        mb,
-    } = g;
-    let (bi, ti) = (row / t, row % t);
-    let mrow = ((if mb == 1 { 0 } else { bi }) * t + ti) * s;
-    let m = &m[mrow..mrow + s];
-    let mut p = vec![T::ZERO; s];
-    for hi in 0..h {
-        let qo = ((bi * h + hi) * t + ti) * d;
-        let qv = &q[qo..qo + d];
-        let kvo = (bi * kvh + hi / rep) * cap * d;
-        let mut mx = T::ZERO;
-        for j in 0..s {
-            let kr = &k[kvo + j * d..kvo + (j + 1) * d];
-            // 16 partial sums, so that the loop vectorises
-            let mut acc = [T::ZERO; 16];
-            let (qc, kc) = (qv.chunks_exact(16), kr.chunks_exact(16));
-            let (qr, krr) = (qc.remainder(), kc.remainder());
-            for (a, c) in qc.zip(kc) {
-                for l in 0..16 {
-                    acc[l] += a[l] * c[l];
+    /// The `rep` query heads that share a kv head go together: each key and value row is read
+    /// once for all of them.
+    #[inline(always)]
+    fn row_any(&self, row: usize, o: &mut [T]) {
+        let &Attend {
+            h,
+            t,
+            d,
+            s,
+            rep,
+            kvh,
+            cap,
+            mb,
+            sc,
+            ..
+        } = self;
+        let (bi, ti) = (row / t, row % t);
+        let mrow = ((if mb == 1 { 0 } else { bi }) * t + ti) * s;
+        let m = &self.m[mrow..mrow + s];
+        // scores of the group's heads, [rep, s]
+        let mut p = vec![T::ZERO; rep * s];
+        for g in 0..kvh {
+            let kvo = (bi * kvh + g) * cap * d;
+            for j in 0..s {
+                let kr = &self.k[kvo + j * d..kvo + (j + 1) * d];
+                for r in 0..rep {
+                    let qo = ((bi * h + g * rep + r) * t + ti) * d;
+                    p[r * s + j] = dot16(&self.q[qo..qo + d], kr) * sc + m[j];
                 }
             }
-            let mut dot = T::ZERO;
-            for x in acc {
-                dot += x;
+            for r in 0..rep {
+                let pr = &mut p[r * s..(r + 1) * s];
+                let mut mx = pr[0];
+                for &x in pr.iter() {
+                    if x > mx {
+                        mx = x;
+                    }
+                }
+                let mut sum = T::ZERO;
+                for x in pr.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                for x in pr.iter_mut() {
+                    *x = *x / sum;
+                }
             }
-            for (a, c) in qr.iter().zip(krr) {
-                dot += *a * *c;
-            }
-            p[j] = dot * sc + m[j];
-            if j == 0 || p[j] > mx {
-                mx = p[j];
-            }
-        }
-        let mut sum = T::ZERO;
-        for x in p.iter_mut() {
-            *x = (*x - mx).exp();
-            sum += *x;
-        }
-        let oh = &mut o[hi * d..(hi + 1) * d];
-        for (j, &pj) in p.iter().enumerate() {
-            let w = pj / sum;
-            let vr = &v[kvo + j * d..kvo + (j + 1) * d];
-            for (x, &y) in oh.iter_mut().zip(vr) {
-                *x += w * y;
+            for j in 0..s {
+                let vr = &self.v[kvo + j * d..kvo + (j + 1) * d];
+                for r in 0..rep {
+                    let w = p[r * s + j];
+                    let hi = g * rep + r;
+                    for (x, &y) in o[hi * d..(hi + 1) * d].iter_mut().zip(vr) {
+                        *x += w * y;
+                    }
+                }
             }
         }
     }
+}
+
+/// `Σ aᵢ bᵢ` in 16 partial sums (so that the loop vectorises), then the remainder.
+#[inline(always)]
+fn dot16<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut dot = T::ZERO;
+    for x in acc {
+        dot += x;
+    }
+    for (x, y) in ar.iter().zip(br) {
+        dot += *x * *y;
+    }
+    dot
 }

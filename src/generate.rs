@@ -193,30 +193,14 @@ fn sample_row(logits: &[f32], cfg: &SamplingConfig, u01: f64) -> (u32, f32, f32)
         1.0
     };
     let sc = |i: usize| logits[i] as f64 / t;
-    let max = logits
-        .iter()
-        .map(|&x| x as f64 / t)
-        .fold(f64::NEG_INFINITY, f64::max);
     // exp(x/T − max) once per token, kept for the walk below
     let mut e = vec![0f64; logits.len()];
-    crate::kernels::exp_scaled(logits, t, max, &mut e);
-    let (mut z_all, mut ex) = (0f64, 0f64);
-    for (&x, &e) in logits.iter().zip(&e) {
-        if e > 0.0 {
-            z_all += e;
-            ex += e * (x as f64 / t);
-        }
-    }
+    let st = crate::kernels::row_stats(logits, t, &mut e);
+    let (max, z_all) = (st.max, st.z);
     let lse = max + z_all.ln();
-    let entropy = (lse - ex / z_all).max(0.0);
+    let entropy = (lse - st.ex / z_all).max(0.0);
     let tok = if cfg.temperature == 0.0 {
-        let mut best = 0usize;
-        for (i, &x) in logits.iter().enumerate() {
-            if x > logits[best] || (logits[best].is_nan() && !x.is_nan()) {
-                best = i;
-            }
-        }
-        best
+        st.argmax
     } else if cfg.top_k == 0 && cfg.top_p >= 1.0 {
         // no truncation: any fixed order gives the same distribution; id order needs no sort
         let mut u = u01 * z_all;

@@ -653,43 +653,104 @@ mod tests {
     }
 }
 
-/// `out[i] = exp(xs[i] / t − shift)` in f64, for the sampler's pass over a vocabulary of logits.
+/// What the sampler needs of one row of logits `x` at temperature `t`, in f64: the first index
+/// of the largest logit (NaN ignored; 0 when every entry is NaN), `max = maxᵢ xᵢ/t`, the values
+/// `e[i] = exp(xᵢ/t − max)`, their sum `z` and `ex = Σ e[i]·xᵢ/t` (entries whose `e` is 0 or
+/// NaN left out). `log z + max` is the log-partition, `lse − ex/z` the entropy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowStats {
+    pub argmax: usize,
+    pub max: f64,
+    pub z: f64,
+    pub ex: f64,
+}
+
+/// [`RowStats`] of `xs`, with `e` filled, in two passes that vectorise (8 f64 / 16 f32 lanes
+/// under AVX-512, chosen at run time).
 ///
-/// libm's scalar `exp` made that pass a sixth of a batch-32 decoding step on SmolLM2 (two
-/// passes of 49,152 per row and token). This one is branch-free so that it vectorises (8 lanes
-/// under AVX-512, chosen at run time): `x = k·ln 2 + r` with `k` rounded to nearest and
-/// `|r| ≤ ln 2 / 2` (Cody–Waite: ln 2 split in two), `exp(r)` by its Taylor series to `r¹³`
-/// (truncation below 4e-18 relative), then `2ᵏ` put into the exponent bits. Within 2 ulp of
-/// libm's (tested); arguments below −708 give 0 (as libm's underflow to subnormals gives
-/// probabilities no draw can reach), above 709 give +inf.
-pub fn exp_scaled(xs: &[f32], t: f64, shift: f64, out: &mut [f64]) {
-    assert_eq!(xs.len(), out.len());
+/// libm's scalar `exp` and the sampler's scalar passes over the vocabulary were ~7% of a
+/// batch-32 decoding run on SmolLM2 (49,152 entries per row and token). The `exp` here is
+/// branch-free: `x = k·ln 2 + r` with `k` rounded to nearest and `|r| ≤ ln 2 / 2` (Cody–Waite:
+/// ln 2 split in two), `exp(r)` by its Taylor series to `r¹³` (truncation below 4e-18
+/// relative), then `2ᵏ` put into the exponent bits: within 2 ulp of libm's (tested); arguments
+/// below −708 give 0 (libm's subnormals there are probabilities no draw can reach). The sums
+/// run in 8 interleaved partial sums, added in a fixed order: deterministic, and within float
+/// rounding of a sequential sum.
+pub fn row_stats(xs: &[f32], t: f64, e: &mut [f64]) -> RowStats {
+    assert_eq!(xs.len(), e.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512dq")
     {
         // SAFETY: the features the function is compiled for were just detected.
-        unsafe { exp_scaled_avx512(xs, t, shift, out) };
-        return;
+        return unsafe { row_stats_avx512(xs, t, e) };
     }
-    exp_scaled_any(xs, t, shift, out)
+    row_stats_any(xs, t, e)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn exp_scaled_avx512(xs: &[f32], t: f64, shift: f64, out: &mut [f64]) {
-    exp_scaled_any(xs, t, shift, out)
+unsafe fn row_stats_avx512(xs: &[f32], t: f64, e: &mut [f64]) -> RowStats {
+    row_stats_any(xs, t, e)
 }
 
 #[inline(always)]
-fn exp_scaled_any(xs: &[f32], t: f64, shift: f64, out: &mut [f64]) {
-    for (o, &x) in out.iter_mut().zip(xs) {
-        // x / t, as the sampler's other passes compute it (a division, not a product)
-        *o = exp_f64(x as f64 / t - shift);
+fn row_stats_any(xs: &[f32], t: f64, e: &mut [f64]) -> RowStats {
+    // the largest logit, NaN ignored (a comparison with NaN is false)
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    let mut mx = f32::NEG_INFINITY;
+    for &x in lanes.iter().chain(rest) {
+        if x > mx {
+            mx = x;
+        }
+    }
+    let argmax = xs.iter().position(|&x| x == mx).unwrap_or(0);
+    // x/t is monotonic in x for t > 0, so max(x/t) = (max x)/t exactly
+    let max = mx as f64 / t;
+    let (mut z, mut ex) = ([0f64; 8], [0f64; 8]);
+    let (xc, ec) = (xs.chunks_exact(8), e.chunks_exact_mut(8));
+    let (xr, n8) = (xc.remainder(), xs.len() / 8 * 8);
+    for (x, o) in xc.zip(ec) {
+        for l in 0..8 {
+            // x / t, as the sampler's other uses compute it (a division, not a product)
+            let s = x[l] as f64 / t;
+            let v = exp_f64(s - max);
+            o[l] = v;
+            let keep = v > 0.0;
+            z[l] += if keep { v } else { 0.0 };
+            ex[l] += if keep { v * s } else { 0.0 };
+        }
+    }
+    let (mut zs, mut exs) = (0f64, 0f64);
+    for l in 0..8 {
+        zs += z[l];
+        exs += ex[l];
+    }
+    for (i, &x) in xr.iter().enumerate() {
+        let s = x as f64 / t;
+        let v = exp_f64(s - max);
+        e[n8 + i] = v;
+        if v > 0.0 {
+            zs += v;
+            exs += v * s;
+        }
+    }
+    RowStats {
+        argmax,
+        max,
+        z: zs,
+        ex: exs,
     }
 }
 
-/// Branch-free f64 `exp` (see [`exp_scaled`]).
+/// Branch-free f64 `exp` (see [`row_stats`]).
 #[inline(always)]
 pub fn exp_f64(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
@@ -761,15 +822,47 @@ mod exp_tests {
     }
 
     #[test]
-    fn exp_scaled_matches_the_scalar_path() {
-        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
-        let mut a = vec![0.0; xs.len()];
-        exp_scaled(&xs, 0.7, 3.0, &mut a);
-        for (x, y) in xs.iter().zip(&a) {
-            let want = exp_f64(*x as f64 / 0.7 - 3.0);
-            assert_eq!(y.to_bits(), want.to_bits());
-            let libm = (*x as f64 / 0.7 - 3.0).exp();
-            assert!((y - libm).abs() <= 4.0 * f64::EPSILON * libm);
+    fn row_stats_match_sequential_f64_sums() {
+        let mut xs: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+        xs[17] = f32::NAN;
+        xs[40] = f32::NEG_INFINITY;
+        xs[900] = 29.999_998; // below the largest
+        for t in [1.0, 0.7] {
+            let mut e = vec![0.0; xs.len()];
+            let st = row_stats(&xs, t, &mut e);
+            let max = xs
+                .iter()
+                .map(|&x| x as f64 / t)
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(st.max.to_bits(), max.to_bits());
+            let want_arg = (0..xs.len()).filter(|&i| !xs[i].is_nan()).fold(0, |b, i| {
+                if xs[i] > xs[b] || xs[b].is_nan() {
+                    i
+                } else {
+                    b
+                }
+            });
+            assert_eq!(st.argmax, want_arg);
+            let (mut z, mut ex) = (0f64, 0f64);
+            for (i, &x) in xs.iter().enumerate() {
+                let s = x as f64 / t;
+                let v = (s - max).exp();
+                if v > 0.0 {
+                    z += v;
+                    ex += v * s;
+                }
+                if x.is_nan() {
+                    assert!(e[i].is_nan());
+                } else {
+                    assert_eq!(e[i].to_bits(), exp_f64(s - max).to_bits());
+                    assert!((e[i] - v).abs() <= 4.0 * f64::EPSILON * v, "{i}");
+                }
+            }
+            assert!((st.z - z).abs() < 1e-13 * z, "{} vs {z}", st.z);
+            assert!((st.ex - ex).abs() < 1e-12 * ex.abs(), "{} vs {ex}", st.ex);
         }
+        // every entry NaN: index 0, as the scalar argmax gives
+        let mut e = vec![0.0; 20];
+        assert_eq!(row_stats(&[f32::NAN; 20], 1.0, &mut e).argmax, 0);
     }
 }
