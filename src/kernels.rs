@@ -752,7 +752,7 @@ fn row_stats_any(xs: &[f32], t: f64, e: &mut [f64]) -> RowStats {
 
 /// Branch-free f64 `exp` (see [`row_stats`]).
 #[inline(always)]
-pub fn exp_f64(x: f64) -> f64 {
+fn exp_f64(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     // ln 2 = LN2_HI + LN2_LO, LN2_HI with its low 32 bits zero so that k·LN2_HI is exact
     const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);

@@ -96,21 +96,25 @@ pub fn head_scores(hidden_b_t_h: &Tensor, head: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?.reshape((b, t))?)
 }
 
-/// Head scores at one position per row (`at[b]`, e.g. [`last_indices`]), `[B]`.
-pub fn scores_at(hidden_b_t_h: &Tensor, at: &[usize], head: &Tensor) -> Result<Tensor> {
+/// The hidden states at one position per row (`at[b]`, e.g. [`last_indices`]), `[B, H]`.
+pub fn hidden_at(hidden_b_t_h: &Tensor, at: &[usize]) -> Result<Tensor> {
     let (b, t, h) = hidden_b_t_h.dims3()?;
     if at.len() != b || at.iter().any(|&i| i >= t) {
-        crate::bail!("scores_at: positions {at:?} for a [{b}, {t}] batch");
+        crate::bail!("hidden_at: positions {at:?} for a [{b}, {t}] batch");
     }
     let rows: Vec<u32> = at
         .iter()
         .enumerate()
         .map(|(i, &j)| (i * t + j) as u32)
         .collect();
-    let sel = hidden_b_t_h
+    Ok(hidden_b_t_h
         .reshape((b * t, h))?
-        .index_select(&Tensor::new(rows, hidden_b_t_h.device())?, 0)?
-        .unsqueeze(1)?;
+        .index_select(&Tensor::new(rows, hidden_b_t_h.device())?, 0)?)
+}
+
+/// Head scores at one position per row (`at[b]`, e.g. [`last_indices`]), `[B]`.
+pub fn scores_at(hidden_b_t_h: &Tensor, at: &[usize], head: &Tensor) -> Result<Tensor> {
+    let sel = hidden_at(hidden_b_t_h, at)?.unsqueeze(1)?;
     Ok(head_scores(&sel, head)?.squeeze(1)?)
 }
 

@@ -324,6 +324,7 @@ impl Attention {
         let q = rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
+        let scale = 1.0 / (d as f64).sqrt();
         let (k, v) = match cache {
             Some((c, i)) => {
                 let (k, v) = c.append(i, k, v)?;
@@ -331,7 +332,6 @@ impl Attention {
                 // head instead of two batched products, the softmax and the layout copies
                 if t == 1 && crate::fused::fusable(&q) {
                     if let Some((kb, vb)) = c.buffers(i) {
-                        let scale = 1.0 / (d as f64).sqrt();
                         let out =
                             crate::fused::cached_attention(&q, kb, vb, k.dim(2)?, mask, scale)?;
                         return self.o_proj.forward(&out, fwd);
@@ -346,7 +346,6 @@ impl Attention {
         // that share a kv head are stacked as rows of one product (head = kv_head · rep + r,
         // as transformers' repeat_kv), [B, kvh, rep·T, d] × [B, kvh, d, S].
         let rep = h / kvh;
-        let scale = 1.0 / (d as f64).sqrt();
         let scores = q
             .reshape((b, kvh, rep * t, d))?
             .matmul(&k.t()?)?

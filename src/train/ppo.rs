@@ -472,16 +472,7 @@ impl ValueModel {
 /// A reward model's scores from its final hidden states `[B, T, H]` at `last[i]` of each row,
 /// the head product in f32 (rollout scoring, evaluation and `align compare` alike).
 fn rm_scores_at(h_B_T_H: &Tensor, last: &[usize], score: &Tensor) -> Result<Vec<f32>> {
-    let (b, t, hs) = h_B_T_H.dims3()?;
-    let rows: Vec<u32> = last
-        .iter()
-        .enumerate()
-        .map(|(i, &j)| (i * t + j) as u32)
-        .collect();
-    let sel = h_B_T_H
-        .reshape((b * t, hs))?
-        .index_select(&Tensor::new(rows, h_B_T_H.device())?, 0)?;
-    let s = sel
+    let s = crate::score::hidden_at(h_B_T_H, last)?
         .to_dtype(DType::F32)?
         .matmul(&score.to_dtype(DType::F32)?.t()?)?;
     Ok(s.squeeze(1)?.to_vec1::<f32>()?)
