@@ -345,6 +345,23 @@ fn cached_attention_equals_the_composite_ops() {
             assert!(diff < tol, "t={t} {dtype:?}: max diff {diff}");
         }
     }
+    // PyTorch's eager attention (repeat_kv, softmax, product) on the same kind of case
+    let fx = fixture();
+    for dtype in [DType::F64, DType::F32] {
+        let get = |n: &str| fx[&format!("attn.{n}")].to_dtype(dtype).unwrap();
+        let got = fused::cached_attention(
+            &get("q"),
+            &get("k"),
+            &get("v"),
+            5,
+            &get("mask"),
+            1.0 / 20f64.sqrt(),
+        )
+        .unwrap();
+        let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        let diff = max_diff(&got, &get("y"));
+        assert!(diff < tol, "vs PyTorch, {dtype:?}: max diff {diff}");
+    }
     // shapes that do not fit are an error naming the op, not a panic
     let q = Tensor::zeros((2, 6, 1, 20), DType::F32, &Device::Cpu).unwrap();
     let kb = Tensor::zeros((2, 4, 8, 20), DType::F32, &Device::Cpu).unwrap();
